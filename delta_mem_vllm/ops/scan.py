@@ -122,3 +122,13 @@ def scan_chunked(state0: Tensor, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, 
     reads = reads + torch.einsum("nxitj,nxtj,nxij->nxit", decay, qk, c)      # Σ_{j<t} decay·(q_t·k_j)·c_j
     reads = reads.transpose(-1, -2).reshape(N, nc * C, R)[:, :T] * valid[..., None]
     return s, reads
+
+
+def scan(state0: Tensor, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, erase: Tensor, write: Tensor,
+         valid: Tensor | None = None, writes: Tensor | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """Dense (non-varlen) scan used by the embedded engine: the loop for a few tokens, chunks beyond."""
+    if impl == "reference" or (impl == "auto" and q.shape[1] <= 4):
+        return scan_reference(state0, q, k, v, keep, erase, write, valid, writes)
+    if impl not in ("auto", "chunked"):
+        raise ValueError(f"unknown scan impl {impl!r}; expected auto, reference or chunked")
+    return scan_chunked(state0, q, k, v, keep, erase, write, valid, writes)

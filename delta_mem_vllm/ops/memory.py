@@ -1,0 +1,181 @@
+"""Δ-Mem math for one layer, shared by every engine: projections, gates, the memory step, corrections.
+
+Everything that touches the state runs in fp32 (our decision); reads are cast to the model dtype
+only where they enter a correction projection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DELTA_HEADS, DeltaMemConfig
+from .scan import scan, update_coefficients
+
+Tensor = torch.Tensor
+
+# Parameter names exactly as the reference adapter file spells them (METHOD.md §3.4).
+CORE_PARAMS = ("memory_q_proj", "memory_k_proj", "memory_v_proj", "delta_q_proj", "delta_k_proj",
+               "delta_v_proj", "delta_o_proj", "beta_proj", "beta_bias")
+
+
+class DeltaMemLayer(nn.Module):
+    """The trainable Δ-Mem parameters of one attention layer (never the state: that is per sequence)."""
+
+    def __init__(self, config: DeltaMemConfig, hidden_size: int, q_out: int, k_out: int, v_out: int,
+                 o_out: int) -> None:
+        super().__init__()
+        self.config = config
+        D, G = config.state_read_dim, config.gate_dim
+        empty = lambda *shape: nn.Parameter(torch.empty(*shape))  # noqa: E731
+        self.memory_q_proj = empty(D, hidden_size)
+        self.memory_k_proj = empty(D, hidden_size)
+        self.memory_v_proj = empty(D, hidden_size)
+        self.delta_q_proj = empty(q_out, D)
+        self.delta_k_proj = empty(k_out, D)
+        self.delta_v_proj = empty(v_out, D)
+        self.delta_o_proj = empty(o_out, D)
+        self.beta_proj = empty(G, hidden_size)
+        self.beta_bias = empty(G)
+        if not config.couple_lambda:
+            self.lambda_proj = empty(G, hidden_size)
+            self.lambda_bias = empty(G)
+        if config.delta_o_rmsnorm:
+            self.delta_o_rmsnorm_weight = empty(o_out)
+        if config.trainable_delta_scale:
+            self.delta_scale_raw = empty(4 if config.delta_scale_granularity == "head" else 1)
+
+    def param_names(self) -> list[str]:
+        return [name for name, _ in self.named_parameters()]
+
+    @torch.no_grad()
+    def reset_parameters(self, base_weights: dict[str, Tensor] | None = None) -> None:
+        """Reference initialisation (METHOD.md §1.3); `base_weights` maps q/k/v/o to the base projections."""
+        cfg = self.config
+        for name in ("memory_q_proj", "memory_k_proj", "memory_v_proj"):
+            nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
+        for head in DELTA_HEADS:
+            param = getattr(self, f"delta_{head}_proj")
+            param.zero_()
+            if head not in cfg.delta_heads or cfg.output_init == "zero":
+                continue
+            if cfg.output_init == "random":
+                nn.init.kaiming_uniform_(param, a=math.sqrt(5))
+                param.mul_(cfg.online_gain)
+                continue
+            if base_weights is None:
+                raise ValueError(f"output_init={cfg.output_init!r} needs the base projection weights")
+            base = base_weights[head]
+            width = min(cfg.rank, base.shape[1])
+            if cfg.output_init == "base_slice_fixed":
+                width = min(width, cfg.base_slice_ref_width)
+            cols = F.normalize(base[:, :width].float(), dim=0, eps=1e-6) * cfg.online_gain
+            param[:, :width] = cols.to(param.dtype)
+        self.beta_proj.zero_()
+        self.beta_bias.fill_(cfg.beta_bias_init)
+        if not cfg.couple_lambda:
+            self.lambda_proj.zero_()
+            self.lambda_bias.fill_(-cfg.beta_bias_init)
+        if cfg.delta_o_rmsnorm:
+            self.delta_o_rmsnorm_weight.fill_(1.0)
+        if cfg.trainable_delta_scale:
+            self.delta_scale_raw.fill_(cfg.delta_scale_raw_init())
+
+    # --- per-token quantities -----------------------------------------------------------------
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Memory query/key/value of hidden states x [..., H] → three fp32 [..., h, R] tensors."""
+        cfg = self.config
+        xf = x.float()
+        w = torch.cat([self.memory_q_proj, self.memory_k_proj, self.memory_v_proj]).float()
+        q, k, v = F.linear(xf, w).split(cfg.state_read_dim, dim=-1)
+        shape = (*x.shape[:-1], cfg.num_state_heads, cfg.rank)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if cfg.normalize_qk:
+            q = F.normalize(torch.tanh(q), dim=-1, eps=1e-6)
+            k = F.normalize(torch.tanh(k), dim=-1, eps=1e-6)
+        return q, k, v
+
+    def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row (keep, erase, write) of the scan for hidden states x [..., H] → fp32 [..., h, R]."""
+        cfg = self.config
+        xf = x.float()
+        beta = torch.sigmoid(F.linear(xf, self.beta_proj.float(), self.beta_bias.float()))
+        if cfg.couple_lambda:
+            lam = 1.0 - beta
+        else:
+            lam = torch.sigmoid(F.linear(xf, self.lambda_proj.float(), self.lambda_bias.float()))
+        rows = cfg.rank if cfg.rankwise_gates else 1
+        shape = (*x.shape[:-1], cfg.num_state_heads, rows)
+        beta, lam = beta.reshape(shape), lam.reshape(shape)
+        if not cfg.rankwise_gates:
+            beta = beta.expand(*shape[:-1], cfg.rank)
+            lam = lam.expand(*shape[:-1], cfg.rank)
+        return update_coefficients(beta, lam, cfg.state_update_mode)
+
+    def head_scale(self, head: str) -> Tensor | float:
+        """alpha/rank, times the bounded trainable multiplier when enabled."""
+        cfg = self.config
+        if not cfg.trainable_delta_scale:
+            return cfg.scale
+        idx = DELTA_HEADS.index(head) if cfg.delta_scale_granularity == "head" else 0
+        return cfg.scale * torch.sigmoid(self.delta_scale_raw[idx].float()) * cfg.delta_scale_max
+
+    def correction(self, head: str, reads: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """δX = (α/R)·μ_X·W_δX r for reads r [..., D]; δo optionally RMS-normalised in fp32."""
+        weight = getattr(self, f"delta_{head}_proj")
+        delta = F.linear(reads.to(weight.dtype), weight) * self.head_scale(head)
+        if head == "o" and self.config.delta_o_rmsnorm:
+            d = delta.float()
+            d = d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + self.config.delta_o_rmsnorm_eps)
+            delta = d * self.delta_o_rmsnorm_weight.float()
+        return delta.to(out_dtype)
+
+    # --- the memory step ------------------------------------------------------------------------
+    def memory_step(self, x: Tensor, state: Tensor, valid: Tensor, writes: Tensor,
+                    segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Reads for every token and the new state, for a batch of rows.
+
+        x [B,T,H]; state [B,h,R,R] fp32; valid/writes [B,T] bool (writes ⊆ valid);
+        segment_ids [B,T] long (−1 = not written) switches to segment-mean writes (METHOD.md §2.3).
+        Returns reads [B,T,D] fp32 (zero on invalid tokens) and the new state [B,h,R,R] fp32.
+        """
+        cfg = self.config
+        B, T, _ = x.shape
+        h, R = cfg.num_state_heads, cfg.rank
+        q, k, v = self.project(x)
+        if segment_ids is not None and bool((writes & (segment_ids >= 0)).any()):
+            return self._segment_step(x, q, state, writes, segment_ids, valid)
+        # token writes (also the reference's fallback when a segment call has no usable ids)
+        keep, erase, write = self.coefficients(x)
+        flat = lambda t: t.permute(0, 2, 1, 3).reshape(B * h, T, R)  # noqa: E731  (B,h) → one batch dim
+        per_head = lambda m: m[:, None, :].expand(B, h, T).reshape(B * h, T)  # noqa: E731
+        new_state, reads = scan(state.reshape(B * h, R, R), flat(q), flat(k), flat(v), flat(keep), flat(erase),
+                                flat(write), per_head(valid), per_head(writes))
+        reads = reads.view(B, h, T, R).permute(0, 2, 1, 3).reshape(B, T, h * R)
+        return reads, new_state.view(B, h, R, R)
+
+    def _segment_step(self, x: Tensor, q: Tensor, state: Tensor, writes: Tensor, segment_ids: Tensor,
+                      valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Segment-mean writes: every token reads the state as it was at the start of the call."""
+        cfg = self.config
+        B, T, _ = x.shape
+        h, R = cfg.num_state_heads, cfg.rank
+        reads = torch.einsum("bhij,bthj->bthi", state.float(), q) * valid[:, :, None, None]
+        active = writes & (segment_ids >= 0)
+        num_segments = int(segment_ids[active].max().item()) + 1
+        seg = torch.where(active, segment_ids, torch.full_like(segment_ids, num_segments))
+        onehot = F.one_hot(seg, num_segments + 1)[..., :num_segments].float()          # [B,T,S]
+        counts = onehot.sum(1)                                                             # [B,S]
+        means = torch.einsum("bts,bth->bsh", onehot, x.float()) / counts.clamp_min(1)[..., None]
+        means = means.to(x.dtype)
+        sq, sk, sv = self.project(means)
+        keep, erase, write = self.coefficients(means)
+        present = counts > 0
+        flat = lambda t: t.permute(0, 2, 1, 3).reshape(B * h, num_segments, R)  # noqa: E731
+        mask = present[:, None, :].expand(B, h, num_segments).reshape(B * h, num_segments)
+        new_state, _ = scan(state.reshape(B * h, R, R), flat(sq), flat(sk), flat(sv), flat(keep), flat(erase),
+                            flat(write), mask, mask)
+        return reads.reshape(B, T, h * R), new_state.view(B, h, R, R)
