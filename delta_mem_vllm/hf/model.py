@@ -82,7 +82,7 @@ class DeltaMemModel(nn.Module):
             config = adapter.config
         else:
             config, adapter = adapter or DeltaMemConfig(), None
-        self.model = model
+        self.model = model.requires_grad_(False)   # the backbone is frozen; only Δ-Mem trains
         self.config = config
         self._lock = threading.RLock()
         self._call: _Call | None = None

@@ -47,6 +47,12 @@ class DeltaMemLayer(nn.Module):
             self.delta_o_rmsnorm_weight = empty(o_out)
         if config.trainable_delta_scale:
             self.delta_scale_raw = empty(4 if config.delta_scale_granularity == "head" else 1)
+        # Inactive heads are kept (zero) because the adapter file carries them, but never trained.
+        for head in DELTA_HEADS:
+            if head not in config.delta_heads:
+                getattr(self, f"delta_{head}_proj").requires_grad_(False)
+        if config.delta_o_rmsnorm and "o" not in config.delta_heads:
+            self.delta_o_rmsnorm_weight.requires_grad_(False)
 
     def param_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters()]
