@@ -13,11 +13,13 @@ builds — which is where the reference breaks under SDPA (METHOD.md §10.2).
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,7 +28,12 @@ from ..adapter import Adapter, AdapterError, load_adapter
 from ..config import DELTA_HEADS, DeltaMemConfig
 from ..ops.memory import DeltaMemLayer
 
+if TYPE_CHECKING:
+    from ..state import Snapshot
+
 Tensor = torch.Tensor
+STATE_TENSORS_FILE = "state.safetensors"
+STATE_MANIFEST_FILE = "manifest.json"
 
 
 @dataclass
@@ -165,6 +172,39 @@ class DeltaMemModel(nn.Module):
         shape = self.state_shape if batch is None else (batch, *self.state_shape)
         return torch.zeros(shape, dtype=torch.float32, device=self.device)
 
+    # --- state files ----------------------------------------------------------------------------
+    def snapshot(self, state: Tensor, record: dict | None = None) -> "Snapshot":
+        """Wrap one sequence's state [L,h,R,R] with the identity needed to reload it safely."""
+        from ..state import Snapshot
+
+        return Snapshot(state=state.detach().float(), record=dict(record or {}),
+                        adapter_fingerprint=self.adapter_fingerprint, layer_names=list(self.layer_names))
+
+    def save_state(self, directory: str | Path, state: Tensor, record: dict | None = None) -> Path:
+        """Write `state.safetensors` + `manifest.json` (checksummed, never pickle) into a directory."""
+        from ..state import encode_snapshot
+
+        data, manifest = encode_snapshot(self.snapshot(state, record))
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(root / STATE_TENSORS_FILE, data)
+        _atomic_write(root / STATE_MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        return root
+
+    def load_state(self, directory: str | Path) -> Tensor:
+        """Read a state saved by `save_state`; another adapter, layout or a damaged file is an error."""
+        from ..state import StateFormatError, decode_snapshot
+
+        root = Path(directory)
+        try:
+            manifest = json.loads((root / STATE_MANIFEST_FILE).read_text())
+            data = (root / STATE_TENSORS_FILE).read_bytes()
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StateFormatError(f"{root}: unreadable state ({exc})") from exc
+        snap = decode_snapshot(data, manifest, expect_adapter_fingerprint=self.adapter_fingerprint,
+                               expect_shape=self.state_shape, expect_layer_names=self.layer_names)
+        return snap.state.to(self.device)
+
     # --- hooks ----------------------------------------------------------------------------------
     def _attach(self, index: int, attn: nn.Module, layer: DeltaMemLayer) -> None:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -256,6 +296,15 @@ class DeltaMemModel(nn.Module):
         if sentence_ids is None or tuple(sentence_ids.shape) != shape:
             return None
         return torch.where(message_ids >= 0, sentence_ids.long(), torch.full_like(sentence_ids.long(), -1))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _cache_length(cache: Any) -> int:
