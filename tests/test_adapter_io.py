@@ -112,9 +112,10 @@ def test_state_files_reject_damage_and_other_adapters(tmp_path) -> None:
     other = make_dm("qwen3", seed=7)          # different adapter weights → different fingerprint
     with pytest.raises(StateMismatchError):
         other.load_state(tmp_path / "s")
-    data = bytearray((tmp_path / "s" / "state.safetensors").read_bytes())
+    (tensor_file,) = (tmp_path / "s").glob("state-*.safetensors")
+    data = bytearray(tensor_file.read_bytes())
     data[-3] ^= 0xFF
-    (tmp_path / "s" / "state.safetensors").write_bytes(bytes(data))
+    tensor_file.write_bytes(bytes(data))
     with pytest.raises(StateFormatError):
         dm.load_state(tmp_path / "s")
     with pytest.raises(StateFormatError):

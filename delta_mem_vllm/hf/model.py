@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from ..state import Snapshot
 
 Tensor = torch.Tensor
-STATE_TENSORS_FILE = "state.safetensors"
 STATE_MANIFEST_FILE = "manifest.json"
 
 
@@ -181,14 +180,22 @@ class DeltaMemModel(nn.Module):
                         adapter_fingerprint=self.adapter_fingerprint, layer_names=list(self.layer_names))
 
     def save_state(self, directory: str | Path, state: Tensor, record: dict | None = None) -> Path:
-        """Write `state.safetensors` + `manifest.json` (checksummed, never pickle) into a directory."""
+        """Write a checksummed safetensors state + `manifest.json` into a directory, crash-safely.
+
+        The tensor file is named by its checksum and written first; the manifest that points at it
+        is replaced atomically last, so a crash leaves the old or the new state, never a mix.
+        """
         from ..state import encode_snapshot
 
         data, manifest = encode_snapshot(self.snapshot(state, record))
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(root / STATE_TENSORS_FILE, data)
-        _atomic_write(root / STATE_MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        data_file = f"state-{manifest['sha256'][:16]}.safetensors"
+        _atomic_write(root / data_file, data)
+        _atomic_write(root / STATE_MANIFEST_FILE, json.dumps({"data_file": data_file, "manifest": manifest}).encode())
+        for old in root.glob("state-*.safetensors"):
+            if old.name != data_file:
+                old.unlink(missing_ok=True)
         return root
 
     def load_state(self, directory: str | Path) -> Tensor:
@@ -197,9 +204,10 @@ class DeltaMemModel(nn.Module):
 
         root = Path(directory)
         try:
-            manifest = json.loads((root / STATE_MANIFEST_FILE).read_text())
-            data = (root / STATE_TENSORS_FILE).read_bytes()
-        except (OSError, json.JSONDecodeError) as exc:
+            pointer = json.loads((root / STATE_MANIFEST_FILE).read_text())
+            data = (root / Path(pointer["data_file"]).name).read_bytes()
+            manifest = pointer["manifest"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise StateFormatError(f"{root}: unreadable state ({exc})") from exc
         snap = decode_snapshot(data, manifest, expect_adapter_fingerprint=self.adapter_fingerprint,
                                expect_shape=self.state_shape, expect_layer_names=self.layer_names)

@@ -10,18 +10,21 @@ Contract (shared with `varlen.varlen_scan_reference` and the torch path):
 * `slots [B]`, `cu_seqlens [B+1]`, `write_start [B]`: integer tensors. Sequence b owns tokens
   `cu_seqlens[b]:cu_seqlens[b+1]`; its tokens with relative index `< write_start[b]` only read.
 * Returns `reads [T_total, h, R]` fp32 (or fills `out`); tokens outside every sequence are left 0
-  (untouched when `out` is given). Two sequences sharing a slot in one call is undefined.
+  (untouched when `out` is given). Two sequences sharing a slot in one call is undefined, except
+  empty ones without zero_init (CUDA-graph padding rows), which leave the slot unchanged.
 
-Design. Grid `(B, h, ceil(R / BLOCK_I))`: one program per (sequence, state head, block of up to 16
-state rows). The rows of the state are independent given the token's vectors, so a block of rows is
-the natural unit: at R ≤ 16 (R = 8 in the released adapter) one program holds the whole state in
-fp32 registers and loads each token's q/k once; at R = 64/128 a few programs split the rows, which
-keeps the register footprint at ≤ 16·BLOCK_R floats (no spills) and gives B·h·R/16 programs of
-parallelism, while q/k are re-read only R/16 times (from L1/L2). Each program walks its tokens
-sequentially (like the reference kernel, METHOD.md §4.4): the read-only prefix in a loop that leaves
-the state alone, then the writing tokens. The next token's vectors are loaded one step ahead so that
-global-memory latency overlaps the dependent state update. The row dot products are reductions along
-the columns, kept within a warp by using 1–2 warps.
+Design. Grid `(B, h, ceil(R / BLOCK_I))`: one program per (sequence, state head, block of state
+rows). Rows are independent given the token's vectors, so a row block is the natural unit: for
+R ≤ 16 (R = 8 in the released adapter) one program holds the whole state in fp32 registers and loads
+each token's q/k once; for larger R a few programs split the rows (8–16 each), which bounds the
+register footprint and multiplies parallelism, at the cost of re-reading q/k from L1/L2 a few times.
+One program per single row (the reference kernel, METHOD.md §4.4) would load q/k R times per token
+for no gain at small R. Each program walks its tokens sequentially: the read-only prefix in a loop
+that leaves the state alone, then the writing tokens, with the next token's vectors loaded one step
+ahead so that global-memory latency overlaps the dependent state update (the chain is inherently
+sequential; a chunked parallel-in-time form, like `scan.scan_chunked`, would be the next step for
+very long prefills). `_launch_config` was checked with ptxas (sm_90, no spills at R = 2…256);
+timings on a GPU are still to be measured.
 
 CUDA-graph safe: the wrapper never syncs with the host (no `.item()`/`.tolist()`), the grid depends
 only on B, h and R, and the sequence bounds are read on the device. vLLM pads graph rows with
@@ -47,7 +50,15 @@ except Exception as exc:  # pragma: no cover - depends on the environment
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_DTYPES = (torch.int32, torch.int64)
-_MAX_BLOCK_ROWS = 16
+
+
+def _launch_config(R: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_I, num_warps) for rank R: whole state per program up to R = 16, then row
+    blocks; chosen so that ptxas (sm_90) reports no register spills for R = 2…256."""
+    block_r = 1 << max(R - 1, 0).bit_length()          # next power of two (≥ 1)
+    block_i = min(block_r, 16) if block_r <= 32 else 8
+    num_warps = 1 if block_r <= 16 else (2 if block_r <= 64 else 4)
+    return block_r, block_i, num_warps
 
 
 def triton_interpret_enabled() -> bool:
@@ -102,13 +113,6 @@ def triton_scan_support(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, w
     if len(devices) != 1:
         return False, "tensors are on different devices: " + ", ".join(
             f"{n}={t.device}" for n, t in named.items())
-    device = devices.pop()
-    if device.type == "cpu":
-        usable, why = triton_interpreter_usable()
-        if not usable:
-            return False, f"tensors are on the CPU, not CUDA, and {why}"
-    elif device.type != "cuda":
-        return False, f"tensors are on {device}, not CUDA"
     if state_pool.dim() != 4 or state_pool.shape[-1] != state_pool.shape[-2]:
         return False, f"state_pool must be [P,h,R,R], got {tuple(state_pool.shape)}"
     if state_pool.dtype != torch.float32:
@@ -132,6 +136,13 @@ def triton_scan_support(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, w
         return False, f"zero_init must be bool [{B}], got {zero_init.dtype} {tuple(zero_init.shape)}"
     if out is not None and (out.shape != q.shape or out.dtype != torch.float32):
         return False, f"out must be float32 {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}"
+    device = devices.pop()
+    if device.type == "cpu":
+        usable, why = triton_interpreter_usable()
+        if not usable:
+            return False, f"tensors are on the CPU, not CUDA, and {why}"
+    elif device.type != "cuda":
+        return False, f"tensors are on {device}, not CUDA"
     return True, "ok"
 
 
@@ -209,6 +220,7 @@ if triton is not None:
 
         tl.store(s_ptrs, S, mask=smask)
 
+
 _KERNELS: dict[bool, object] = {}
 
 
@@ -239,9 +251,7 @@ def varlen_scan_triton(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, wr
         return out
     if zero_init is not None and zero_init.dtype == torch.bool:
         zero_init = zero_init.view(torch.uint8)  # zero-copy; avoids i1 pointers
-    block_r = triton.next_power_of_2(R)
-    block_i = min(block_r, _MAX_BLOCK_ROWS)
-    num_warps = 1 if block_i * block_r <= 512 else 2
+    block_r, block_i, num_warps = _launch_config(R)
     grid = (B, h, triton.cdiv(R, block_i))
     kernel = _get_kernel(triton_interpret_enabled())
     kernel[grid](
@@ -251,6 +261,34 @@ def varlen_scan_triton(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, wr
         *keep.stride(), *erase.stride(), *write.stride(), *out.stride(),
         R,
         HAS_ZERO_INIT=zero_init is not None, BLOCK_I=block_i, BLOCK_R=block_r,
-        num_warps=num_warps,
+        num_warps=num_warps, enable_fp_fusion=True,  # explicit: Triton 3.10 flips the default
     )
     return out
+
+
+def _aot_compile(R: int, *, io_dtype: torch.dtype = torch.bfloat16, has_zero_init: bool = True,
+                 capability: int = 90):
+    """Compile the kernel for a CUDA target without a GPU (ptxas included), returning Triton's
+    compiled kernel. Lets CPU-only CI catch compiler-only errors the interpreter cannot see, and
+    inspect register use (`ptx`/`cubin` in `.asm`)."""
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    io = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[io_dtype]
+    block_r, block_i, num_warps = _launch_config(R)
+    consts = {"HAS_ZERO_INIT": has_zero_init, "BLOCK_I": block_i, "BLOCK_R": block_r}
+    sig = {}
+    for name in inspect.signature(_varlen_scan_kernel).parameters:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("q_ptr", "k_ptr", "v_ptr"):
+            sig[name] = f"*{io}"
+        elif name.endswith("_ptr"):
+            sig[name] = {"slots_ptr": "*i32", "cu_ptr": "*i32", "ws_ptr": "*i64", "zi_ptr": "*u8"}.get(name, "*fp32")
+        else:  # strides and R; pool strides as i64 (padded vLLM pages can be large)
+            sig[name] = "i64" if name.startswith("sp") else "i32"
+    src = ASTSource(fn=triton.jit(_varlen_scan_kernel), signature=sig, constexprs=consts)
+    options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)

@@ -6,7 +6,9 @@ updated in place). Tokens of sequence b with relative index `< write_start[b]` r
 (read-only prefixes; `write_start >= length` makes the whole sequence read-only). `zero_init[b]`
 starts sequence b from zeros instead of the pool (an empty sequence then leaves its slot zeroed).
 Reads come back as `[T_total, h, R]` fp32; tokens outside every sequence read 0. Two sequences
-sharing a slot in one call is undefined. The three implementations share this contract exactly.
+sharing a slot in one call is undefined, except empty ones without zero_init (vLLM's CUDA-graph
+padding rows: slot NULL_BLOCK_ID = 0, no tokens), which leave the slot unchanged. The reference,
+the torch path and the Triton kernel share this contract exactly.
 
 Dispatch (`varlen_scan`, env `DELTA_MEM_SCAN_IMPL` = auto|torch|triton): "auto" uses the Triton
 kernel iff `triton_scan_support` says it can run (CUDA tensors, or CPU under TRITON_INTERPRET=1),

@@ -1,0 +1,40 @@
+"""Session-state persistence (SPEC §4): the safetensors + JSON-manifest format, storage keys,
+persistent backends (filesystem, Redis, memory) and the device → host → backend tiered store.
+
+Framework-free (torch + safetensors; redis-py only for RedisBackend), so it is testable on a CPU.
+"""
+
+from .backends import FilesystemBackend, MemoryBackend, PersistentBackend, RedisBackend
+from .format import (
+    FORMAT_VERSION,
+    Snapshot,
+    StateFormatError,
+    StateMismatchError,
+    decode_snapshot,
+    encode_snapshot,
+    export_document,
+    import_document,
+)
+from .keys import SESSION_ID_PATTERN, storage_key, validate_session_id, validate_storage_key
+from .store import PersistError, TieredStateStore
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SESSION_ID_PATTERN",
+    "FilesystemBackend",
+    "MemoryBackend",
+    "PersistError",
+    "PersistentBackend",
+    "RedisBackend",
+    "Snapshot",
+    "StateFormatError",
+    "StateMismatchError",
+    "TieredStateStore",
+    "decode_snapshot",
+    "encode_snapshot",
+    "export_document",
+    "import_document",
+    "storage_key",
+    "validate_session_id",
+    "validate_storage_key",
+]
