@@ -91,35 +91,52 @@ class DeltaMemLayer(nn.Module):
             self.delta_scale_raw.fill_(cfg.delta_scale_raw_init())
 
     # --- per-token quantities -----------------------------------------------------------------
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Memory query/key/value of hidden states x [..., H] → three fp32 [..., h, R] tensors."""
+    def _input_projection(self) -> tuple[Tensor, Tensor]:
+        """All input-side weights packed as one fp32 [3D + G (+G), H] matrix and its bias.
+
+        One matmul per layer and token instead of three; cached for inference and rebuilt when a
+        parameter changes (version counters), computed fresh whenever autograd needs the graph.
+        """
+        names = ["memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj"]
+        biases = ["beta_bias"]
+        if not self.config.couple_lambda:
+            names.append("lambda_proj")
+            biases.append("lambda_bias")
+        params = [getattr(self, n) for n in names + biases]
+        build = lambda: (torch.cat([getattr(self, n) for n in names]).float(),  # noqa: E731
+                         torch.cat([torch.zeros(3 * self.config.state_read_dim, device=params[0].device)]
+                                   + [getattr(self, b).float() for b in biases]))
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed, self._packed_key = build(), key
+        return self._packed
+
+    def features(self, x: Tensor) -> tuple[Tensor, ...]:
+        """(q, k, v, keep, erase, write) of hidden states x [..., H], each fp32 [..., h, R]."""
         cfg = self.config
-        xf = x.float()
-        w = torch.cat([self.memory_q_proj, self.memory_k_proj, self.memory_v_proj]).float()
-        q, k, v = F.linear(xf, w).split(cfg.state_read_dim, dim=-1)
+        weight, bias = self._input_projection()
+        y = F.linear(x.float(), weight, bias)
+        D, G = cfg.state_read_dim, cfg.gate_dim
         shape = (*x.shape[:-1], cfg.num_state_heads, cfg.rank)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        q, k, v = (y[..., i * D:(i + 1) * D].reshape(shape) for i in range(3))
         if cfg.normalize_qk:
             q = F.normalize(torch.tanh(q), dim=-1, eps=1e-6)
             k = F.normalize(torch.tanh(k), dim=-1, eps=1e-6)
-        return q, k, v
+        beta = torch.sigmoid(y[..., 3 * D:3 * D + G])
+        lam = 1.0 - beta if cfg.couple_lambda else torch.sigmoid(y[..., 3 * D + G:])
+        gate_shape = (*x.shape[:-1], cfg.num_state_heads, cfg.rank if cfg.rankwise_gates else 1)
+        beta, lam = beta.reshape(gate_shape).expand(shape), lam.reshape(gate_shape).expand(shape)
+        return (q, k, v, *update_coefficients(beta, lam, cfg.state_update_mode))
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Memory query/key/value: tanh + L2 per state head on q/k, raw v (fp32 [..., h, R])."""
+        return self.features(x)[:3]
 
     def coefficients(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row (keep, erase, write) of the scan for hidden states x [..., H] → fp32 [..., h, R]."""
-        cfg = self.config
-        xf = x.float()
-        beta = torch.sigmoid(F.linear(xf, self.beta_proj.float(), self.beta_bias.float()))
-        if cfg.couple_lambda:
-            lam = 1.0 - beta
-        else:
-            lam = torch.sigmoid(F.linear(xf, self.lambda_proj.float(), self.lambda_bias.float()))
-        rows = cfg.rank if cfg.rankwise_gates else 1
-        shape = (*x.shape[:-1], cfg.num_state_heads, rows)
-        beta, lam = beta.reshape(shape), lam.reshape(shape)
-        if not cfg.rankwise_gates:
-            beta = beta.expand(*shape[:-1], cfg.rank)
-            lam = lam.expand(*shape[:-1], cfg.rank)
-        return update_coefficients(beta, lam, cfg.state_update_mode)
+        """Per-row (keep, erase, write) of the scan for one update mode (fp32 [..., h, R])."""
+        return self.features(x)[3:]
 
     def head_scale(self, head: str) -> Tensor | float:
         """alpha/rank, times the bounded trainable multiplier when enabled."""
@@ -151,11 +168,10 @@ class DeltaMemLayer(nn.Module):
         cfg = self.config
         B, T, _ = x.shape
         h, R = cfg.num_state_heads, cfg.rank
-        q, k, v = self.project(x)
+        q, k, v, keep, erase, write = self.features(x)
         if segment_ids is not None and bool((writes & (segment_ids >= 0)).any()):
             return self._segment_step(x, q, state, writes, segment_ids, valid)
         # token writes (also the reference's fallback when a segment call has no usable ids)
-        keep, erase, write = self.coefficients(x)
         flat = lambda t: t.permute(0, 2, 1, 3).reshape(B * h, T, R)  # noqa: E731  (B,h) → one batch dim
         per_head = lambda m: m[:, None, :].expand(B, h, T).reshape(B * h, T)  # noqa: E731
         new_state, reads = scan(state.reshape(B * h, R, R), flat(q), flat(k), flat(v), flat(keep), flat(erase),
@@ -177,8 +193,7 @@ class DeltaMemLayer(nn.Module):
         counts = onehot.sum(1)                                                             # [B,S]
         means = torch.einsum("bts,bth->bsh", onehot, x.float()) / counts.clamp_min(1)[..., None]
         means = means.to(x.dtype)
-        sq, sk, sv = self.project(means)
-        keep, erase, write = self.coefficients(means)
+        sq, sk, sv, keep, erase, write = self.features(means)
         present = counts > 0
         flat = lambda t: t.permute(0, 2, 1, 3).reshape(B * h, num_segments, R)  # noqa: E731
         mask = present[:, None, :].expand(B, h, num_segments).reshape(B * h, num_segments)
