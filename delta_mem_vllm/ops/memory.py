@@ -120,10 +120,11 @@ class DeltaMemLayer(nn.Module):
         y = F.linear(x.float(), weight, bias)
         D, G = cfg.state_read_dim, cfg.gate_dim
         shape = (*x.shape[:-1], cfg.num_state_heads, cfg.rank)
-        q, k, v = (y[..., i * D:(i + 1) * D].reshape(shape) for i in range(3))
+        qk = y[..., :2 * D].reshape(*x.shape[:-1], 2, cfg.num_state_heads, cfg.rank)
         if cfg.normalize_qk:
-            q = F.normalize(torch.tanh(q), dim=-1, eps=1e-6)
-            k = F.normalize(torch.tanh(k), dim=-1, eps=1e-6)
+            qk = F.normalize(torch.tanh(qk), dim=-1, eps=1e-6)
+        q, k = qk.unbind(-3)
+        v = y[..., 2 * D:3 * D].reshape(shape)
         beta = torch.sigmoid(y[..., 3 * D:3 * D + G])
         lam = 1.0 - beta if cfg.couple_lambda else torch.sigmoid(y[..., 3 * D + G:])
         gate_shape = (*x.shape[:-1], cfg.num_state_heads, cfg.rank if cfg.rankwise_gates else 1)

@@ -127,8 +127,27 @@ def scan_chunked(state0: Tensor, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, 
 def scan(state0: Tensor, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, erase: Tensor, write: Tensor,
          valid: Tensor | None = None, writes: Tensor | None = None, impl: str = "auto") -> tuple[Tensor, Tensor]:
     """Dense (non-varlen) scan used by the embedded engine: the loop for a few tokens, chunks beyond."""
+    if impl == "auto" and q.shape[1] == 1:
+        return _scan_one_token(state0, q, k, v, keep, erase, write, valid, writes)
     if impl == "reference" or (impl == "auto" and q.shape[1] <= 4):
         return scan_reference(state0, q, k, v, keep, erase, write, valid, writes)
     if impl not in ("auto", "chunked"):
         raise ValueError(f"unknown scan impl {impl!r}; expected auto, reference or chunked")
     return scan_chunked(state0, q, k, v, keep, erase, write, valid, writes)
+
+
+def _scan_one_token(state0: Tensor, q: Tensor, k: Tensor, v: Tensor, keep: Tensor, erase: Tensor, write: Tensor,
+                    valid: Tensor | None, writes: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The decode step (T = 1) with as few kernel launches as possible: one bmm gives S·q and S·k."""
+    S = state0.float()
+    qk = torch.stack([q[:, 0], k[:, 0]], dim=-1).float()                     # [N,R,2]
+    read, dot = torch.bmm(S, qk).unbind(-1)                                  # [N,R] each
+    k0 = k[:, 0].float()
+    new = torch.addcmul(keep[:, 0, :, None] * S, (write[:, 0] * v[:, 0] - erase[:, 0] * dot)[:, :, None],
+                        k0[:, None, :])
+    if writes is not None or valid is not None:
+        _, w = _effective_masks(valid, writes, (q.shape[0], 1), q.device)
+        new = torch.where(w[:, 0, None, None], new, S)
+    if valid is not None:
+        read = read * valid[:, :1].to(read.dtype)
+    return new, read[:, None]

@@ -1,0 +1,1 @@
+"""delta-mem-vllm's OpenAI-compatible server: routes, sessions, engines, store wiring."""

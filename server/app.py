@@ -1,0 +1,177 @@
+"""The FastAPI application: wiring of engine, store, session manager, auth, metrics and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.auth import Authenticator
+from server.errors import APIError, error_response, install_error_handlers
+from server.metrics import Metrics
+from server.sessions import EngineIdentity, SessionManager
+from server.settings import Settings
+from server.state_store import build_store
+
+log = logging.getLogger("deltamem.server")
+
+
+@dataclass
+class AppContext:
+    """Everything a route needs, on app.state.ctx."""
+
+    settings: Settings
+    metrics: Metrics
+    auth: Authenticator
+    engine: Any = None
+    store: Any = None
+    sessions: SessionManager | None = None
+    started_at: float = field(default_factory=time.time)
+    accepting: bool = False
+
+    def require_ready(self) -> None:
+        if not self.accepting or self.engine is None or self.sessions is None:
+            raise APIError(503, "server is starting or shutting down", code="unavailable")
+
+
+def ctx_of(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+def owner_of(request: Request) -> str:
+    """FastAPI dependency: authenticate and return the caller's owner id."""
+    return ctx_of(request).auth(request)
+
+
+class _BodyLimit:
+    """413 for request bodies over the limit (declared or streamed), before any parsing."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await error_response(too_big)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise APIError(413, too_big.message, code="request_too_large")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+class _RequestMetrics:
+    """Counts requests and their latency (to the last byte) by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(path, scope.get("method", ""), str(status["code"])).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+
+def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -> FastAPI:
+    """Build the app. `engine`/`backend` may be injected (tests, benchmarks); else built from settings
+    at startup (model loading runs in a thread so the loop stays responsive)."""
+    from server.routes import openai_routes, ops_routes, session_routes
+
+    metrics = Metrics()
+    ctx = AppContext(settings=settings, metrics=metrics, auth=Authenticator(settings.api_keys))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        eng = engine
+        if eng is None:
+            from server.engine import build_engine
+
+            eng = await asyncio.to_thread(build_engine, settings)
+        await eng.start()
+        store = build_store(settings, eng, on_event=metrics.on_store_event, backend=backend)
+        metrics.attach_store(store.stats)
+        ctx.engine, ctx.store = eng, store
+        ctx.sessions = SessionManager(
+            store,
+            EngineIdentity(tuple(eng.state_shape), list(eng.layer_names), eng.adapter_fingerprint,
+                           eng.model_fingerprint, eng.zero_state),
+            auto_create=settings.auto_create_sessions, default_ttl=settings.session_ttl,
+            wait_timeout=settings.session_wait_timeout, message_log_max=settings.message_log_max,
+            keep_written_tokens=settings.record_written_tokens,
+        )
+        ctx.accepting = True
+        sweeper = asyncio.create_task(_sweep_forever(ctx))
+        log.info("ready: model %s, adapter %s…, state backend %s", eng.model_name, eng.adapter_fingerprint[:12],
+                 settings.state_backend)
+        try:
+            yield
+        finally:
+            # uvicorn has already stopped accepting and given in-flight turns the grace period
+            ctx.accepting = False
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await eng.stop()
+            try:
+                flushed = await asyncio.to_thread(store.flush)
+                log.info("shutdown: %d dirty state(s) persisted", flushed)
+            except Exception:  # noqa: BLE001
+                log.exception("shutdown: persisting dirty states failed")
+            await asyncio.to_thread(_close_backend, store)
+
+    app = FastAPI(title="delta-mem-vllm", version="0.1.0", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(session_routes.router)
+    app.include_router(ops_routes.router)
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(_RequestMetrics, metrics=metrics)
+    return app
+
+
+def _close_backend(store: Any) -> None:
+    backend = getattr(store, "backend", None)
+    if backend is not None and hasattr(backend, "close"):
+        backend.close()
+
+
+async def _sweep_forever(ctx: AppContext) -> None:
+    while True:
+        await asyncio.sleep(ctx.settings.ttl_sweep_interval)
+        try:
+            n = await ctx.sessions.sweep_expired()  # type: ignore[union-attr]
+            if n:
+                log.info("ttl: %d expired session(s) deleted", n)
+        except Exception:  # noqa: BLE001
+            log.exception("ttl sweep failed")

@@ -1,0 +1,123 @@
+"""`delta-mem-vllm serve …` and `delta-mem-vllm demo-model DIR`.
+
+Flags are generated from server.settings.Settings, so every setting is a flag (`--state-dir`) and an
+environment variable (`DELTAMEM_STATE_DIR`); flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import uvicorn
+
+from server.settings import Settings
+
+
+class GracefulServer(uvicorn.Server):
+    """SIGTERM/SIGINT → graceful shutdown (stop accepting, grace period for in-flight turns, persist
+    dirty states), then exit 0. Plain uvicorn re-raises the signal afterwards, which reads as a crash."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse type/choices/nargs for a settings annotation."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Annotated:
+        return _flag_type(args[0])
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is typing.Literal:
+        return str, {"choices": list(args)}
+    if origin is list:
+        return str, {"nargs": "+"}
+    if annotation is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float, str, Path):
+        return annotation, {}
+    return str, {}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        typ, extra = _flag_type(field.annotation)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field.description, **extra}
+        if typ is not None:
+            kwargs["type"] = typ
+        parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
+    return Settings(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="delta-mem-vllm", description="OpenAI-compatible serving with Δ-Mem memory")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server")
+    add_settings_flags(serve)
+    demo = sub.add_parser("demo-model", help="build a tiny random model + adapter offline")
+    demo.add_argument("directory", type=Path)
+    demo.add_argument("--arch", default="qwen3")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def serve(settings: Settings) -> int:
+    from server.app import create_app
+    from server.engine import EngineUnavailable, choose_engine
+
+    try:
+        choose_engine(settings.engine)
+    except EngineUnavailable as exc:
+        print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
+        return 2
+    if settings.demo and not settings.model:
+        from server.demo import build_demo_model
+
+        model_dir, adapter_dir = build_demo_model(settings.demo_dir)
+        settings = settings.model_copy(update={"model": str(model_dir), "adapter": str(adapter_dir)})
+    if not settings.model or not settings.adapter:
+        print("delta-mem-vllm: error: --model and --adapter are required (or --demo)", file=sys.stderr)
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace, lifespan="on")
+    server = GracefulServer(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo-model":
+        from server.demo import build_demo_model
+
+        model_dir, adapter_dir = build_demo_model(args.directory, arch=args.arch, seed=args.seed)
+        print(f"model:   {model_dir}\nadapter: {adapter_dir}")
+        print(f"serve:   delta-mem-vllm serve --model {model_dir} --adapter {adapter_dir}")
+        return 0
+    try:
+        settings = settings_from_args(args)
+    except Exception as exc:  # pydantic ValidationError: bad flag/env values
+        print(f"delta-mem-vllm: error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The engine protocol the server talks to.
+
+Token-id based and async so that a vLLM engine (AsyncLLM + the Δ-Mem plugin, states in a GPU slot
+pool) can implement it without the server changing: the server renders and splits the prompt,
+the engine only runs tokens. State tensors cross this boundary as fp32 [L, h, R, R].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal, Protocol, runtime_checkable
+
+import torch
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to sample. temperature 0 = greedy. `stop` strings are matched on the decoded text."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """How this request uses Δ-Mem.
+
+    initial_state: fp32 [L,h,R,R] to start from (None = zero state).
+    write_start: leading prompt tokens that are read-only (the session's context-only part).
+    write: False = read-only request (the state is returned unchanged).
+    cache_salt: KV-prefix-cache identity; two requests may share cached KV only when their salts match
+                (the initial state changes every layer's K/V after the first).
+    """
+
+    initial_state: torch.Tensor | None = None
+    write_start: int = 0
+    write: bool = True
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    memory: MemorySpec = MemorySpec()
+
+
+@dataclass
+class GenerationOutput:
+    """One streamed increment. The last one has `finished=True` and the turn's outcome.
+
+    written_token_ids: exactly the tokens whose writes are in `final_state`, in order
+        (prompt[write_start:] followed by the generated tokens the engine fed back).
+    pending_token_ids: generated tokens the engine did not process (at least the last sampled one);
+        a session writes them first in its next turn.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    final_state: torch.Tensor | None = None
+    written_token_ids: list[int] | None = None
+    pending_token_ids: list[int] | None = None
+    error: str | None = None
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request (not the client's fault)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the server needs from an inference engine."""
+
+    model_name: str
+    tokenizer: Any                      # a transformers tokenizer (chat template, decode)
+    max_model_len: int
+    state_shape: tuple[int, int, int, int]   # (L, h, R, R)
+    layer_names: list[str]
+    adapter_fingerprint: str
+    model_fingerprint: str
+    device: torch.device                # where states live between requests (the store's device tier)
+    eos_token_ids: tuple[int, ...]
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Cancel whatever is still running and release the device."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream increments; closing the iterator early aborts the request (nothing is reported)."""
+
+    def zero_state(self) -> torch.Tensor:
+        """A fresh fp32 [L,h,R,R] state on the engine's device."""
+
+    async def import_state(self, state: torch.Tensor) -> torch.Tensor:
+        """Validate a host fp32 [L,h,R,R] state and place it where the engine reads initial states."""
+
+    async def export_state(self, state: torch.Tensor) -> torch.Tensor:
+        """An engine state as a host fp32 [L,h,R,R] tensor (for persistence and export)."""
+
+    def health(self) -> dict[str, Any]:
+        """Liveness details for /ready (e.g. worker alive, active requests)."""

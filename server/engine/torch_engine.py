@@ -1,0 +1,288 @@
+"""TorchEngine: the embedded engine (transformers model + Δ-Mem via DeltaMemModel), CPU or GPU.
+
+One worker thread owns the model. It round-robins over the active requests, giving each one step
+per round: a prefill chunk of at most `prefill_chunk` tokens, or one decode token. So streams
+interleave and a long prompt or generation never blocks the others. Each request carries its own
+state tensor and KV cache (DeltaMemModel is functional in the state), so requests cannot see each
+other's memory. Results go back to per-request asyncio queues through loop.call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from server.engine.base import EngineError, GenerationOutput, GenerationRequest
+from server.engine.detok import IncrementalDetokenizer
+from server.engine.sampling import make_generator, sample_next
+
+log = logging.getLogger("deltamem.engine")
+
+
+@dataclass(eq=False)
+class _Active:
+    """A request inside the worker. Only the worker thread touches the tensors."""
+
+    req: GenerationRequest
+    push: Callable[[GenerationOutput], None]
+    state: torch.Tensor                      # [1, L, h, R, R] fp32
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    max_tokens: int
+    cache: Any = None
+    pos: int = 0                             # prompt tokens processed
+    generated: list[int] = field(default_factory=list)
+    to_feed: int | None = None               # last sampled token, fed on the next step
+    aborted: bool = False
+
+    @property
+    def write_start(self) -> int:
+        return self.req.memory.write_start
+
+
+class TorchEngine:
+    """Engine protocol implementation over a DeltaMemModel (see server/engine/base.py)."""
+
+    def __init__(self, dm: Any, tokenizer: Any, *, model_name: str, max_model_len: int | None = None,
+                 prefill_chunk: int = 256, model_fingerprint: str | None = None) -> None:
+        self.dm = dm
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        cfg = dm.model.config
+        limit = getattr(cfg, "max_position_embeddings", None) or 1 << 30
+        self.max_model_len = min(max_model_len, limit) if max_model_len else limit
+        self.prefill_chunk = prefill_chunk
+        self.state_shape = tuple(dm.state_shape)
+        self.layer_names = list(dm.layer_names)
+        self.adapter_fingerprint = dm.adapter_fingerprint
+        self.model_fingerprint = model_fingerprint if model_fingerprint is not None else _config_fingerprint(cfg)
+        self.device = dm.device
+        self.eos_token_ids = _eos_ids(dm.model, tokenizer)
+        # ids >= len(tokenizer) are padding rows of the embedding: never sample them
+        self.valid_vocab = len(tokenizer)
+        self._incoming: deque[_Active] = deque()
+        self._active: list[_Active] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Any) -> "TorchEngine":
+        from transformers import AutoTokenizer
+
+        from delta_mem_vllm.hf import DeltaMemModel
+
+        if not settings.model or not settings.adapter:
+            raise EngineError("the torch engine needs --model and --adapter (or --demo)")
+        device = settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype_name = settings.dtype
+        if dtype_name == "auto":
+            dtype_name = "float32" if device == "cpu" else "bfloat16"
+        dtype = getattr(torch, dtype_name)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        dm = DeltaMemModel.from_pretrained(settings.model, settings.adapter, dtype=dtype, device=device,
+                                           attn_implementation=settings.attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        name = settings.served_model_name or _default_name(settings.model)
+        return cls(dm, tokenizer, model_name=name, max_model_len=settings.max_model_len,
+                   prefill_chunk=settings.prefill_chunk)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="deltamem-torch-engine", daemon=True)
+            self._thread.start()
+
+    async def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 30.0)
+
+    def health(self) -> dict[str, Any]:
+        with self._cond:
+            active = len(self._active) + len(self._incoming)
+        return {"worker_alive": self._thread is not None and self._thread.is_alive(), "active_requests": active}
+
+    # --- states ---------------------------------------------------------------------------------
+    def zero_state(self) -> torch.Tensor:
+        return self.dm.zero_state()
+
+    async def import_state(self, state: torch.Tensor) -> torch.Tensor:
+        if tuple(state.shape) != self.state_shape:
+            raise ValueError(f"state has shape {tuple(state.shape)}, the engine expects {self.state_shape}")
+        if state.dtype != torch.float32:
+            raise ValueError(f"state must be float32, got {state.dtype}")
+        return state.detach().to(self.device, copy=True)
+
+    async def export_state(self, state: torch.Tensor) -> torch.Tensor:
+        return state.detach().to("cpu", torch.float32, copy=True)
+
+    # --- generation -----------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if self._thread is None or self._stopping:
+            raise EngineError("engine is not running")
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise EngineError("empty prompt")
+        if not 0 <= request.memory.write_start <= len(prompt):
+            raise EngineError(f"write_start {request.memory.write_start} outside the prompt (length {len(prompt)})")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+
+        def push(item: GenerationOutput) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone: nobody listens any more
+                pass
+
+        init = request.memory.initial_state
+        state = (self.dm.zero_state(1) if init is None
+                 else init.detach().to(self.device, torch.float32).reshape(1, *self.state_shape))
+        room = self.max_model_len - len(prompt)
+        act = _Active(req=request, push=push, state=state,
+                      detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+                      generator=make_generator(request.sampling, self.device),
+                      max_tokens=max(0, min(request.sampling.max_tokens, room)))
+        with self._cond:
+            self._incoming.append(act)
+            self._cond.notify()
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if out.finished:
+                    finished = True
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                act.aborted = True
+
+    # --- the worker -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._incoming and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    doomed = self._active + list(self._incoming)
+                    self._active, self._incoming = [], deque()
+                    break
+                while self._incoming:
+                    self._active.append(self._incoming.popleft())
+            for act in list(self._active):
+                done = True
+                if not act.aborted:
+                    try:
+                        with torch.inference_mode():
+                            done = self._step(act)
+                    except Exception as exc:  # noqa: BLE001 - report to the request, keep serving others
+                        log.exception("request %s failed", act.req.request_id)
+                        act.push(GenerationOutput(act.req.request_id, [], "", finished=True, finish_reason="error",
+                                                  error=f"{type(exc).__name__}: {exc}"))
+                if done:
+                    act.cache = None
+                    with self._cond:
+                        self._active.remove(act)
+        for act in doomed:
+            act.push(GenerationOutput(act.req.request_id, [], "", finished=True, finish_reason="abort",
+                                      error="engine stopped"))
+
+    def _step(self, act: _Active) -> bool:
+        """One prefill chunk or one decode token; True when the request is finished."""
+        prompt = act.req.prompt_token_ids
+        write = act.req.memory.write
+        if act.pos < len(prompt):
+            chunk = prompt[act.pos:act.pos + self.prefill_chunk]
+            ws = min(max(act.write_start - act.pos, 0), len(chunk))
+            logits = self._forward(act, chunk, ws, write)
+            act.pos += len(chunk)
+            if act.pos < len(prompt):
+                return False
+        else:
+            logits = self._forward(act, [act.to_feed], 0, write)
+        return self._on_logits(act, logits)
+
+    def _forward(self, act: _Active, ids: list[int], write_start: int, write: bool) -> torch.Tensor:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.dm(input_ids, state=act.state, write_start=write_start, write=write,
+                      past_key_values=act.cache, use_cache=True)
+        act.state = out.state
+        act.cache = out.past_key_values
+        return out.logits[0, -1]
+
+    def _on_logits(self, act: _Active, logits: torch.Tensor) -> bool:
+        sp = act.req.sampling
+        if act.max_tokens == 0:  # prompt fills the context: nothing may be generated
+            return self._finish(act, "length", [], "")
+        tok = sample_next(logits, sp, act.generator, self.valid_vocab)
+        act.generated.append(tok)
+        text = act.detok.add(tok)
+        reason = None
+        if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids or act.detok.stopped:
+            reason = "stop"
+        elif len(act.generated) >= act.max_tokens:
+            reason = "length"
+        if reason is not None:
+            return self._finish(act, reason, [tok], text)
+        act.to_feed = tok
+        act.push(GenerationOutput(act.req.request_id, [tok], text, completion_tokens=len(act.generated)))
+        return False
+
+    def _finish(self, act: _Active, reason: str, new_ids: list[int], text: str) -> bool:
+        text += act.detok.flush()
+        prompt = act.req.prompt_token_ids
+        fed = act.generated[:-1]  # the last sampled token was never processed
+        written = (prompt[act.write_start:] + fed) if act.req.memory.write else []
+        act.push(GenerationOutput(
+            act.req.request_id, new_ids, text, finished=True, finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=len(prompt), completion_tokens=len(act.generated),
+            final_state=act.state[0], written_token_ids=written, pending_token_ids=act.generated[-1:],
+        ))
+        return True
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+                getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return tuple(sorted(ids))
+
+
+def _config_fingerprint(config: Any) -> str:
+    """Identity of the backbone architecture (states are only portable between identical ones)."""
+    try:
+        cfg = {k: v for k, v in config.to_dict().items()
+               if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+        blob = json.dumps(cfg, sort_keys=True, default=str)
+    except Exception:  # noqa: BLE001
+        return ""
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _default_name(model_path: str) -> str:
+    return str(model_path).rstrip("/").rsplit("/", 1)[-1] or str(model_path)
+

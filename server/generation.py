@@ -1,0 +1,157 @@
+"""One generation request from prepared tokens to engine outputs, with the session commit.
+
+Shared by /v1/chat/completions and /v1/completions. The commit happens before the final output is
+handed to the route, so a client that receives a finish_reason knows the turn is stored; any exit
+before that (error, disconnect, cancellation, shutdown) commits nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from server.engine.base import EngineError, GenerationOutput, GenerationRequest, MemorySpec, SamplingParams
+from server.errors import APIError, bad_request
+from server.prompt import ChatMessage, TurnTokens
+from server.schemas import _GenerationBody
+from server.sessions import SessionTurn
+
+
+def resolve_session_id(body_id: str | None, header_id: str | None) -> str | None:
+    """Body wins; both given and different → 400."""
+    header_id = header_id.strip() if header_id is not None else None
+    if body_id is not None and header_id and body_id != header_id:
+        raise bad_request(f"session_id in the body ({body_id!r}) differs from the X-Session-ID header ({header_id!r})",
+                          param="session_id", code="session_id_conflict")
+    return body_id if body_id is not None else (header_id or None)
+
+
+def sampling_from(body: _GenerationBody, max_tokens: int | None, vocab_size: int) -> SamplingParams:
+    bias: dict[int, float] = {}
+    for key, val in (body.logit_bias or {}).items():
+        tid = int(key)
+        if tid >= vocab_size:
+            raise bad_request(f"logit_bias token id {tid} is outside the vocabulary (size {vocab_size})",
+                              param="logit_bias", code="invalid_value")
+        bias[tid] = float(val)
+    stop_ids = tuple(body.stop_token_ids or ())
+    if any(not 0 <= t < vocab_size for t in stop_ids):
+        raise bad_request("stop_token_ids must be token ids of the vocabulary", param="stop_token_ids")
+    return SamplingParams(
+        max_tokens=max_tokens or 1,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=body.stop_list(),
+        stop_token_ids=stop_ids,
+        ignore_eos=body.ignore_eos,
+        logit_bias=bias,
+    )
+
+
+def decide_max_tokens(requested: int | None, default: int | None, prompt_len: int, max_model_len: int,
+                      prompt_param: str = "messages") -> int:
+    """The completion budget; 400 (context_length_exceeded) when the prompt leaves no room for it."""
+    room = max_model_len - prompt_len
+    if room < 1 or (requested is not None and requested > room):
+        want = f" plus {requested} completion tokens" if requested is not None else ""
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; the request has "
+                            f"{prompt_len} prompt tokens{want}. Shorten the {prompt_param} or max_tokens.",
+                       param=prompt_param, code="context_length_exceeded")
+    if requested is not None:
+        return requested
+    return min(room, default) if default else room
+
+
+@dataclass
+class Turn:
+    """A prepared request: tokens, sampling and Δ-Mem instruction, plus the session turn if any."""
+
+    kind: str                         # "chat" | "completion"
+    tokens: TurnTokens
+    sampling: SamplingParams
+    write: bool
+    session: SessionTurn | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+    pieces: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    final: GenerationOutput | None = None
+    committed: bool = False
+
+    @property
+    def memory(self) -> MemorySpec:
+        s = self.session
+        return MemorySpec(initial_state=s.state if s else None, write_start=self.tokens.write_start,
+                          write=self.write, cache_salt=s.cache_salt if s else None)
+
+    @property
+    def text(self) -> str:
+        """The reply so far (what the client has been sent)."""
+        return "".join(self.pieces)
+
+    def release(self) -> None:
+        if self.session is not None:
+            self.session.release()
+
+    def delta_mem_info(self) -> dict[str, Any]:
+        """Non-standard response field: what this turn did to the memory."""
+        t = self.tokens
+        info: dict[str, Any] = {
+            "session_id": self.session.session_id if self.session else None,
+            "context_tokens": t.num_context,
+            "pending_tokens": t.num_pending,
+            "write": self.write,
+            "committed": self.committed,
+        }
+        if self.final is not None and self.final.written_token_ids is not None:
+            info["written_tokens"] = len(self.final.written_token_ids)
+        if self.session is not None:
+            info["version"] = self.session.record.version
+        return info
+
+
+async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
+    """Engine outputs for the turn; the final one is yielded only after the commit succeeded."""
+    engine, metrics = ctx.engine, ctx.metrics
+    req = GenerationRequest(turn.request_id, turn.tokens.token_ids, turn.sampling, turn.memory)
+    t0 = time.perf_counter()
+    outcome = "aborted"
+    metrics.active.inc()
+    try:
+        async with contextlib.aclosing(engine.generate(req)) as outputs:
+            async for out in outputs:
+                if out.token_ids and not turn.token_ids:
+                    metrics.ttft.labels(turn.kind).observe(time.perf_counter() - t0)
+                turn.token_ids.extend(out.token_ids)
+                turn.pieces.append(out.text)
+                if out.finished:
+                    if out.finish_reason not in ("stop", "length"):
+                        outcome = "error"
+                        raise EngineError(out.error or f"generation ended with {out.finish_reason}")
+                    turn.final = out
+                    metrics.prompt_tokens.inc(out.prompt_tokens)
+                    metrics.generation_tokens.inc(out.completion_tokens)
+                    if turn.session is not None and turn.write:
+                        reply = ChatMessage("assistant", turn.text) if turn.kind == "chat" else None
+                        await turn.session.commit(out, reply)
+                        turn.committed = True
+                        metrics.written_tokens.inc(len(out.written_token_ids or ()))
+                        outcome = "committed"
+                    else:
+                        outcome = "stateless" if turn.session is None else "read_only"
+                yield out
+    except asyncio.CancelledError:
+        outcome = "aborted"
+        raise
+    except APIError:
+        outcome = "error"
+        raise
+    finally:
+        metrics.active.dec()
+        metrics.turns.labels(turn.kind, outcome).inc()
+        turn.release()

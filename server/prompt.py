@@ -1,0 +1,122 @@
+"""Chat prompt rendering and the SPEC §3 split of a session request into context-only and new parts.
+
+Pure logic (a tokenizer in, token ids and offsets out) so it is unit-tested without HTTP or a model.
+
+The split: system messages are context-only once the session has written them. Among the other
+messages, the longest leading run equal (role + content hash) to the trailing run of the session's
+written message log is context-only; the rest — always including the last message — is new. The
+prompt is the chat template over the messages as sent; tokens before the first new message are
+read-only, tokens from it on (incl. the generation prompt) are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """A message normalised to what the chat template and the message log see."""
+
+    role: str
+    content: str
+
+    @property
+    def is_system(self) -> bool:
+        return self.role in SYSTEM_ROLES
+
+    def log_entry(self) -> str:
+        """Compact, order-sensitive identity of the message in a session's written log."""
+        digest = hashlib.sha256(f"{self.role}\0{self.content}".encode()).hexdigest()[:32]
+        return f"{self.role}:{digest}"
+
+    def template_dict(self) -> dict[str, str]:
+        # "developer" is OpenAI's new name for the system role; chat templates know "system"
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class TurnTokens:
+    """The token sequence of one turn and which of its tokens are written.
+
+    token_ids = context_ids + pending_ids + new_ids; write_start = len(context_ids), so the pending
+    tokens of the previous turn are the first tokens this turn writes.
+    """
+
+    token_ids: list[int]
+    write_start: int
+    num_context: int
+    num_pending: int
+
+    @property
+    def num_written_prompt(self) -> int:
+        return len(self.token_ids) - self.write_start
+
+
+def split_messages(messages: Sequence[ChatMessage], message_log: Sequence[str],
+                   written_system: Sequence[str] | set[str]) -> int:
+    """Index of the first new message of a session request (SPEC §3); it is never past the last one."""
+    if not messages:
+        raise ValueError("messages must not be empty")
+    written_sys = set(written_system)
+    others = [i for i, m in enumerate(messages) if not m.is_system]
+    entries = [messages[i].log_entry() for i in others]
+    # the last message is always new, so at most len(others)-1 leading non-system messages match
+    max_j = len(others) - 1 if others and others[-1] == len(messages) - 1 else len(others)
+    max_j = min(max_j, len(message_log))
+    j = 0
+    for cand in range(max_j, 0, -1):
+        if list(message_log[len(message_log) - cand:]) == entries[:cand]:
+            j = cand
+            break
+    first_new = others[j] if j < len(others) else len(messages)
+    # a system message the session has never written is new (and so is everything after it)
+    for i, m in enumerate(messages[:first_new]):
+        if m.is_system and m.log_entry() not in written_sys:
+            first_new = i
+            break
+    return min(first_new, len(messages) - 1)
+
+
+def render(tokenizer: Any, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """Chat template → token ids (no BOS games: the template decides)."""
+    if not messages:
+        return []
+    ids = tokenizer.apply_chat_template([m.template_dict() for m in messages], tokenize=True,
+                                        add_generation_prompt=add_generation_prompt, return_dict=False)
+    return list(ids)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def build_chat_turn(tokenizer: Any, messages: Sequence[ChatMessage], first_new: int,
+                    pending: Sequence[int] = ()) -> TurnTokens:
+    """Token ids of a chat turn: context-only prefix, then pending tokens, then the new part.
+
+    The context length is the rendering of messages[:first_new]; if a template does not render
+    that as a prefix of the full prompt, the common prefix is used (more tokens written, never fewer).
+    """
+    full = render(tokenizer, messages, add_generation_prompt=True)
+    n_ctx = 0
+    if first_new > 0:
+        ctx = render(tokenizer, messages[:first_new], add_generation_prompt=False)
+        n_ctx = len(ctx) if full[:len(ctx)] == ctx else common_prefix_len(full, ctx)
+    pend = list(pending)
+    return TurnTokens(token_ids=full[:n_ctx] + pend + full[n_ctx:], write_start=n_ctx,
+                      num_context=n_ctx, num_pending=len(pend))
+
+
+def build_text_turn(prompt_ids: Sequence[int], pending: Sequence[int] = ()) -> TurnTokens:
+    """A raw-text (completions) turn: every prompt token is new."""
+    pend = list(pending)
+    return TurnTokens(token_ids=pend + list(prompt_ids), write_start=0, num_context=0, num_pending=len(pend))

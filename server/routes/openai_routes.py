@@ -1,0 +1,321 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.app import AppContext, ctx_of, owner_of
+from server.engine.base import EngineError
+from server.errors import APIError, bad_request, not_found
+from server.generation import Turn, decide_max_tokens, resolve_session_id, run_turn, sampling_from
+from server.prompt import ChatMessage, TurnTokens, build_chat_turn, build_text_turn
+from server.schemas import ChatCompletionRequest, CompletionRequest, DeltaMemOptions, _GenerationBody
+from server.sessions import SessionTurn, check_session_id
+
+router = APIRouter()
+T = TypeVar("T")
+
+
+# --- shared pieces --------------------------------------------------------------------------------
+def _check_model(ctx: AppContext, model: str | None) -> str:
+    name = ctx.engine.model_name
+    if model is not None and model != name:
+        raise not_found(f"the model {model!r} does not exist; this server serves {name!r}", param="model",
+                        code="model_not_found")
+    return name
+
+
+def _usage(out: Any) -> dict[str, int]:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _error_event(exc: BaseException) -> str:
+    return _sse((exc if isinstance(exc, APIError) else _engine_error(exc)).body())
+
+
+async def _prepare(ctx: AppContext, owner: str, body: _GenerationBody, session_id: str | None, kind: str,
+                   plan: Callable[[SessionTurn | None], TurnTokens], requested: int | None,
+                   default: int | None, prompt_param: str) -> Turn:
+    """Lock/load the session (if any), build the tokens, size the completion. Errors here are plain
+    HTTP errors (nothing has streamed yet) and leave the session untouched."""
+    opts = body.delta_mem or DeltaMemOptions()
+    session = None
+    if session_id is not None:
+        try:
+            session = await ctx.sessions.begin_turn(owner, session_id, reset=opts.reset, write=opts.write)
+        except APIError as exc:
+            if exc.code == "session_busy":
+                ctx.metrics.session_busy.inc()
+            raise
+    try:
+        tokens = plan(session)
+        engine = ctx.engine
+        max_tokens = decide_max_tokens(requested, default, len(tokens.token_ids), engine.max_model_len,
+                                       prompt_param)
+        sampling = sampling_from(body, max_tokens, len(engine.tokenizer))
+        return Turn(kind=kind, tokens=tokens, sampling=sampling, write=opts.write, session=session)
+    except BaseException:
+        if session is not None:
+            session.release()
+        raise
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`, cancelling it if the client goes away (a non-streamed turn then commits nothing)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done() and (watcher.done() or asyncio.current_task().cancelling()):  # type: ignore[union-attr]
+            task.cancel()
+        watcher.cancel()
+    if not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+async def _drain(ctx: AppContext, turn: Turn) -> Turn:
+    try:
+        async for _ in run_turn(ctx, turn):
+            pass
+    except EngineError as exc:
+        raise _engine_error(exc) from exc
+    return turn
+
+
+def _engine_error(exc: BaseException) -> APIError:
+    return APIError(500, f"generation failed: {exc}", type="server_error", code="engine_error")
+
+
+class _TurnStream(StreamingResponse):
+    """A streamed turn that always releases its session and closes its generator, even when the
+    client disconnects before the body starts (the generator would then never run its finally)."""
+
+    def __init__(self, content: AsyncIterator[str], turn: Turn, headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        self._turn = turn
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(BaseException):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
+            self._turn.release()
+
+
+def _session_headers(session_id: str | None) -> dict[str, str]:
+    return {"X-Session-ID": session_id} if session_id else {}
+
+
+async def _with_session_header(session_id: str | None, work: Awaitable[Response]) -> Response:
+    try:
+        return await work
+    except APIError as exc:
+        if session_id:
+            exc.headers = {**(exc.headers or {}), "X-Session-ID": session_id}
+        raise
+
+
+def _resolve(request: Request, body: _GenerationBody) -> str | None:
+    sid = resolve_session_id(body.session_id, request.headers.get("x-session-id"))
+    return check_session_id(sid) if sid is not None else None
+
+
+# --- chat -----------------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str = Depends(owner_of)) -> Response:
+    ctx = ctx_of(request)
+    ctx.require_ready()
+    model = _check_model(ctx, body.model)
+    sid = _resolve(request, body)
+    return await _with_session_header(sid, _chat(ctx, request, owner, body, model, sid))
+
+
+async def _chat(ctx: AppContext, request: Request, owner: str, body: ChatCompletionRequest, model: str,
+                sid: str | None) -> Response:
+    try:
+        messages = [ChatMessage(m.role, m.text()) for m in body.messages]
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages", code="invalid_value") from None
+    tok = ctx.engine.tokenizer
+
+    def plan(session: SessionTurn | None) -> TurnTokens:
+        try:
+            return session.plan_chat(tok, messages) if session else build_chat_turn(tok, messages, 0)
+        except Exception as exc:  # a template that rejects the conversation (e.g. role order)
+            raise bad_request(f"the chat template cannot render these messages: {exc}", param="messages",
+                              code="invalid_messages") from None
+
+    requested = body.max_completion_tokens or body.max_tokens
+    turn = await _prepare(ctx, owner, body, sid, "chat", plan, requested, ctx.settings.default_max_tokens, "messages")
+    headers = _session_headers(sid)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream:
+        return _TurnStream(_chat_events(ctx, turn, model, include_usage, body.return_token_ids), turn, headers)
+    done = await _until_disconnect(request, _drain(ctx, turn))
+    if done is None:
+        return Response(status_code=499)
+    out = turn.final
+    assert out is not None
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": turn.text},
+                              "logprobs": None, "finish_reason": out.finish_reason}
+    resp: dict[str, Any] = {"id": f"chatcmpl-{turn.request_id}", "object": "chat.completion", "created": turn.created,
+                            "model": model, "system_fingerprint": None, "choices": [choice], "usage": _usage(out),
+                            "delta_mem": turn.delta_mem_info()}
+    if body.return_token_ids:
+        resp["prompt_token_ids"] = turn.tokens.token_ids
+        choice["token_ids"] = turn.token_ids
+    return JSONResponse(resp, headers=headers)
+
+
+async def _chat_events(ctx: AppContext, turn: Turn, model: str, include_usage: bool,
+                       return_token_ids: bool) -> AsyncIterator[str]:
+    base = {"id": f"chatcmpl-{turn.request_id}", "object": "chat.completion.chunk", "created": turn.created,
+            "model": model, "system_fingerprint": None}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, top: dict[str, Any] | None = None,
+              **extra: Any) -> str:
+        obj: dict[str, Any] = {**base, **(top or {}), "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                                  "finish_reason": finish, **extra}]}
+        if include_usage:
+            obj["usage"] = None
+        return _sse(obj)
+
+    try:
+        top = {"prompt_token_ids": turn.tokens.token_ids} if return_token_ids else None
+        yield chunk({"role": "assistant", "content": ""}, top=top)
+        async for out in run_turn(ctx, turn):
+            extra = {"token_ids": out.token_ids} if return_token_ids else {}
+            if out.text or extra:
+                yield chunk({"content": out.text} if out.text else {}, **extra)
+            if out.finished:
+                yield chunk({}, out.finish_reason, top={"delta_mem": turn.delta_mem_info()})
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": _usage(out)})
+    except (APIError, EngineError) as exc:
+        yield _error_event(exc)
+    yield "data: [DONE]\n\n"
+
+
+# --- completions ----------------------------------------------------------------------------------
+def _prompt_ids(ctx: AppContext, prompt: Any) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = ctx.engine.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        vocab = len(ctx.engine.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise bad_request(f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
+        ids = list(prompt)
+    else:
+        raise bad_request("batched prompts are not supported: send one prompt per request", param="prompt",
+                          code="invalid_value")
+    if not ids:
+        raise bad_request("prompt must not be empty", param="prompt", code="invalid_value")
+    return ids
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, owner: str = Depends(owner_of)) -> Response:
+    ctx = ctx_of(request)
+    ctx.require_ready()
+    model = _check_model(ctx, body.model)
+    sid = _resolve(request, body)
+    return await _with_session_header(sid, _complete(ctx, request, owner, body, model, sid))
+
+
+async def _complete(ctx: AppContext, request: Request, owner: str, body: CompletionRequest, model: str,
+                    sid: str | None) -> Response:
+    ids = _prompt_ids(ctx, body.prompt)
+
+    def plan(session: SessionTurn | None) -> TurnTokens:
+        return session.plan_text(ids) if session else build_text_turn(ids)
+
+    # OpenAI's default for legacy completions is 16 tokens
+    turn = await _prepare(ctx, owner, body, sid, "completion", plan, body.max_tokens, 16, "prompt")
+    headers = _session_headers(sid)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream:
+        return _TurnStream(_completion_events(ctx, turn, model, include_usage, body.return_token_ids), turn, headers)
+    done = await _until_disconnect(request, _drain(ctx, turn))
+    if done is None:
+        return Response(status_code=499)
+    out = turn.final
+    assert out is not None
+    choice: dict[str, Any] = {"index": 0, "text": turn.text, "logprobs": None, "finish_reason": out.finish_reason}
+    resp: dict[str, Any] = {"id": f"cmpl-{turn.request_id}", "object": "text_completion", "created": turn.created,
+                            "model": model, "system_fingerprint": None, "choices": [choice], "usage": _usage(out),
+                            "delta_mem": turn.delta_mem_info()}
+    if body.return_token_ids:
+        resp["prompt_token_ids"] = turn.tokens.token_ids
+        choice["token_ids"] = turn.token_ids
+    return JSONResponse(resp, headers=headers)
+
+
+async def _completion_events(ctx: AppContext, turn: Turn, model: str, include_usage: bool,
+                             return_token_ids: bool) -> AsyncIterator[str]:
+    base = {"id": f"cmpl-{turn.request_id}", "object": "text_completion", "created": turn.created, "model": model,
+            "system_fingerprint": None}
+    try:
+        async for out in run_turn(ctx, turn):
+            choice: dict[str, Any] = {"index": 0, "text": out.text, "logprobs": None,
+                                      "finish_reason": out.finish_reason if out.finished else None}
+            if return_token_ids:
+                choice["token_ids"] = out.token_ids
+            obj: dict[str, Any] = {**base, "choices": [choice]}
+            if include_usage:
+                obj["usage"] = None
+            if out.finished:
+                obj["delta_mem"] = turn.delta_mem_info()
+            if out.text or out.finished or return_token_ids:
+                yield _sse(obj)
+            if out.finished and include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(out)})
+    except (APIError, EngineError) as exc:
+        yield _error_event(exc)
+    yield "data: [DONE]\n\n"
+
+
+# --- models ---------------------------------------------------------------------------------------
+def _model_object(ctx: AppContext) -> dict[str, Any]:
+    eng = ctx.engine
+    return {"id": eng.model_name, "object": "model", "created": int(ctx.started_at), "owned_by": "delta-mem-vllm",
+            "max_model_len": eng.max_model_len,
+            "delta_mem": {"adapter_fingerprint": eng.adapter_fingerprint, "state_shape": list(eng.state_shape)}}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, _: str = Depends(owner_of)) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    ctx.require_ready()
+    return {"object": "list", "data": [_model_object(ctx)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request, _: str = Depends(owner_of)) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    ctx.require_ready()
+    _check_model(ctx, model_id)
+    return _model_object(ctx)

@@ -1,0 +1,446 @@
+"""SessionManager: session records, per-session serialisation, TTL, and commit/rollback of a turn.
+
+No HTTP here: routes call these methods and render the results. The store (TieredStateStore) is
+the single source of truth; its blocking I/O runs in threads. A turn works on private copies and
+changes nothing until `commit`, which writes state + record in one store.put (atomic, durable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from delta_mem_vllm.state import (
+    PersistError,
+    Snapshot,
+    StateFormatError,
+    StateMismatchError,
+    export_document,
+    import_document,
+    storage_key,
+    validate_session_id,
+)
+from server.engine.base import GenerationOutput
+from server.errors import APIError, bad_request, conflict, not_found
+from server.prompt import ChatMessage, TurnTokens, build_chat_turn, build_text_turn, split_messages
+from server.session_record import SessionRecord
+
+log = logging.getLogger("deltamem.sessions")
+
+
+@dataclass(frozen=True)
+class EngineIdentity:
+    """What the manager needs to know about the engine's states."""
+
+    state_shape: tuple[int, ...]
+    layer_names: list[str]
+    adapter_fingerprint: str
+    model_fingerprint: str
+    zero_state: Callable[[], torch.Tensor]
+
+
+def check_session_id(session_id: Any, param: str = "session_id") -> str:
+    try:
+        return validate_session_id(session_id)
+    except ValueError as exc:
+        raise bad_request(str(exc), param=param, code="invalid_session_id") from None
+
+
+def state_error(exc: Exception, session_id: str) -> APIError:
+    """A stored state that cannot be used: tell the client what to do about it."""
+    if isinstance(exc, StateMismatchError):
+        return conflict(f"session {session_id!r} has a state saved for a different adapter or layout: {exc}. "
+                        "Reset or delete the session to continue.", code="adapter_mismatch")
+    if isinstance(exc, StateFormatError):
+        return conflict(f"the stored state of session {session_id!r} is corrupted and was rejected: {exc}. "
+                        "Reset or delete the session to continue.", code="state_corrupted")
+    return APIError(503, f"session store unavailable: {exc}", code="store_unavailable")
+
+
+class _Lease:
+    """A held per-session lock; release() is idempotent so every exit path may call it."""
+
+    def __init__(self, owner: "_KeyLocks", key: str, lock: asyncio.Lock) -> None:
+        self._owner, self._key, self._lock, self._held = owner, key, lock, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+            self._owner._drop(self._key)
+
+
+class _KeyLocks:
+    """FIFO per-key locks with a bounded wait (asyncio.Lock wakes waiters in arrival order)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def acquire(self, key: str, timeout: float, session_id: str) -> _Lease:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            if not lock.locked():
+                await lock.acquire()  # free: taken at once, no suspension
+            elif timeout <= 0:
+                raise asyncio.TimeoutError
+            else:
+                await asyncio.wait_for(lock.acquire(), timeout=timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            self._drop(key)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise conflict(f"session {session_id!r} is busy with another request; retry later",
+                           code="session_busy") from None
+        return _Lease(self, key, lock)
+
+    def _drop(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+    def busy(self, key: str) -> bool:
+        return key in self._locks
+
+
+class SessionTurn:
+    """One request's turn on a session: the lock, private copies, and the commit."""
+
+    def __init__(self, manager: "SessionManager", key: str, record: SessionRecord, state: torch.Tensor,
+                 lease: _Lease, *, write: bool) -> None:
+        self._mgr = manager
+        self.key = key
+        self.record = record
+        self.state = state
+        self._lease = lease
+        self.write = write
+        self._new_entries: list[str] = []
+        self._new_system: list[str] = []
+        self.tokens: TurnTokens | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.record.session_id
+
+    @property
+    def cache_salt(self) -> str:
+        return f"{self.key}:{self.record.version}"
+
+    def plan_chat(self, tokenizer: Any, messages: Sequence[ChatMessage]) -> TurnTokens:
+        """Split the messages (SPEC §3) and build context + pending + new token ids."""
+        log_, sys_, pending = self.record.message_log, self.record.written_system, self.record.pending_token_ids
+        first_new = split_messages(messages, log_, sys_)
+        new = messages[first_new:]
+        self._new_entries = [m.log_entry() for m in new if not m.is_system]
+        self._new_system = [m.log_entry() for m in new if m.is_system]
+        self.tokens = build_chat_turn(tokenizer, messages, first_new, pending)
+        return self.tokens
+
+    def plan_text(self, prompt_ids: Sequence[int]) -> TurnTokens:
+        self.tokens = build_text_turn(prompt_ids, self.record.pending_token_ids)
+        return self.tokens
+
+    async def commit(self, output: GenerationOutput, reply: ChatMessage | None = None) -> SessionRecord | None:
+        """Store the turn's state and record atomically (only after a normal finish). Shielded: once
+        started it completes even if the request is cancelled, so memory and store never disagree."""
+        if not self.write:
+            return None
+        if output.finish_reason not in ("stop", "length") or output.final_state is None:
+            raise ValueError(f"refusing to commit a turn that finished with {output.finish_reason!r}")
+        rec = SessionRecord.from_dict(self.record.to_dict())
+        rec.message_log = rec.message_log + self._new_entries + ([reply.log_entry()] if reply else [])
+        rec.message_log = rec.message_log[-self._mgr.message_log_max:]
+        rec.written_system = rec.written_system + [e for e in self._new_system if e not in rec.written_system]
+        rec.pending_token_ids = list(output.pending_token_ids or [])
+        rec.record_written(list(output.written_token_ids or []), self._mgr.keep_written_tokens)
+        rec.version += 1
+        rec.turns += 1
+        rec.last_used_at = self._mgr.clock()
+        state = output.final_state.detach().to(torch.float32).reshape(self._mgr.identity.state_shape)
+        task = asyncio.ensure_future(self._mgr._put(self.key, rec, state))
+        await asyncio.shield(task)
+        self.record = rec
+        return rec
+
+    def release(self) -> None:
+        self._lease.release()
+
+
+class SessionManager:
+    def __init__(self, store: Any, identity: EngineIdentity, *, auto_create: bool = True,
+                 default_ttl: float | None = None, wait_timeout: float = 30.0, message_log_max: int = 4096,
+                 keep_written_tokens: bool = False, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.identity = identity
+        self.auto_create = auto_create
+        self.default_ttl = default_ttl
+        self.wait_timeout = wait_timeout
+        self.message_log_max = message_log_max
+        self.keep_written_tokens = keep_written_tokens
+        self.clock = clock
+        self._locks = _KeyLocks()
+
+    # --- store access (blocking I/O off the event loop) -------------------------------------------
+    def _snapshot(self, rec: SessionRecord, state: torch.Tensor) -> Snapshot:
+        return Snapshot(state=state, record=rec.to_dict(), adapter_fingerprint=self.identity.adapter_fingerprint,
+                        layer_names=list(self.identity.layer_names), model_fingerprint=self.identity.model_fingerprint)
+
+    async def _put(self, key: str, rec: SessionRecord, state: torch.Tensor) -> None:
+        try:
+            await asyncio.to_thread(self.store.put, key, self._snapshot(rec, state))
+        except StateFormatError as exc:
+            raise APIError(500, f"refusing to store an invalid state: {exc}", type="server_error",
+                           code="invalid_state") from exc
+        except PersistError as exc:
+            raise APIError(503, f"could not persist the session state: {exc}", code="persist_failed") from exc
+
+    async def _load(self, key: str, session_id: str) -> Snapshot | None:
+        """The committed snapshot, or None (absent or expired: an expired one is deleted)."""
+        try:
+            snap = await asyncio.to_thread(self.store.get, key)
+        except Exception as exc:  # noqa: BLE001 - corrupted (409) or unreachable store (503)
+            raise state_error(exc, session_id) from exc
+        if snap is None:
+            return None
+        rec = SessionRecord.from_dict(snap.record)
+        if rec.expired(self.clock()):
+            await asyncio.to_thread(self.store.delete, key)
+            return None
+        return snap
+
+    def _new_record(self, owner: str, session_id: str, ttl: float | None = None,
+                    metadata: dict[str, str] | None = None) -> SessionRecord:
+        now = self.clock()
+        return SessionRecord(session_id=session_id, owner=owner, created_at=now, last_used_at=now,
+                             ttl=ttl if ttl is not None else self.default_ttl, metadata=dict(metadata or {}),
+                             written_token_ids=[] if self.keep_written_tokens else None)
+
+    async def _salvage_record(self, key: str, owner: str, session_id: str) -> SessionRecord:
+        """The identity (created, ttl, metadata, version) of a session whose state is unusable, when its
+        manifest is still readable; else a new record."""
+        try:
+            data = await asyncio.to_thread(self.store.peek_record, key)
+            if data:
+                return SessionRecord.from_dict(data)
+        except Exception:  # noqa: BLE001 - nothing to salvage
+            pass
+        return self._new_record(owner, session_id)
+
+    async def _lock(self, key: str, session_id: str) -> _Lease:
+        return await self._locks.acquire(key, self.wait_timeout, session_id)
+
+    # --- turns -------------------------------------------------------------------------------------
+    async def begin_turn(self, owner: str, session_id: str, *, reset: bool = False, write: bool = True) -> SessionTurn:
+        """Wait for the session (FIFO, bounded → 409), load or create it; the caller must release()."""
+        key = storage_key(owner, session_id)
+        lease = await self._lock(key, session_id)
+        try:
+            snap = await self._load(key, session_id)
+            if snap is None:
+                if not self.auto_create:
+                    raise not_found(f"session {session_id!r} not found", param="session_id", code="session_not_found")
+                rec = self._new_record(owner, session_id)
+                state = self.identity.zero_state()
+                await self._put(key, rec, state)
+            else:
+                rec, state = SessionRecord.from_dict(snap.record), snap.state
+            if reset:
+                rec.clear_memory()
+                state = self.identity.zero_state()
+            return SessionTurn(self, key, rec, state, lease, write=write)
+        except BaseException:
+            lease.release()
+            raise
+
+    # --- session API -------------------------------------------------------------------------------
+    async def create(self, owner: str, session_id: str | None = None, *, ttl: float | None = None,
+                     metadata: dict[str, str] | None = None) -> SessionRecord:
+        session_id = check_session_id(session_id, "id") if session_id is not None else f"sess_{uuid.uuid4().hex}"
+        key = storage_key(owner, session_id)
+        lease = await self._lock(key, session_id)
+        try:
+            if await self._load(key, session_id) is not None:
+                raise conflict(f"session {session_id!r} already exists", code="session_exists", param="id")
+            rec = self._new_record(owner, session_id, ttl, metadata)
+            await self._put(key, rec, self.identity.zero_state())
+            return rec
+        finally:
+            lease.release()
+
+    async def get(self, owner: str, session_id: str) -> tuple[SessionRecord, torch.Tensor, str | None]:
+        """(record, state, residency tier) of an existing session, else 404."""
+        session_id = check_session_id(session_id)
+        key = storage_key(owner, session_id)
+        snap = await self._load(key, session_id)
+        if snap is None:
+            raise not_found(f"session {session_id!r} not found", code="session_not_found")
+        tier = await asyncio.to_thread(self.store.tier_of, key)
+        return SessionRecord.from_dict(snap.record), snap.state, tier
+
+    async def list(self, owner: str, *, limit: int = 100, after: str | None = None) -> tuple[list[SessionRecord], bool]:
+        """The owner's live sessions, newest first; (page, has_more)."""
+        def scan() -> list[SessionRecord]:
+            now, out = self.clock(), []
+            for key in self.store.keys():
+                try:
+                    data = self.store.peek_record(key)
+                except (StateFormatError, OSError):
+                    continue
+                if not data or data.get("owner") != owner:
+                    continue
+                rec = SessionRecord.from_dict(data)
+                if not rec.expired(now):
+                    out.append(rec)
+            return out
+
+        recs = sorted(await asyncio.to_thread(scan), key=lambda r: (-r.created_at, r.session_id))
+        if after is not None:
+            ids = [r.session_id for r in recs]
+            recs = recs[ids.index(after) + 1:] if after in ids else []
+        return recs[:limit], len(recs) > limit
+
+    async def delete(self, owner: str, session_id: str) -> None:
+        session_id = check_session_id(session_id)
+        key = storage_key(owner, session_id)
+        lease = await self._lock(key, session_id)
+        try:
+            try:
+                removed = await asyncio.to_thread(self.store.delete, key)
+            except PersistError as exc:
+                raise APIError(503, f"could not delete the session state: {exc}", code="persist_failed") from exc
+            if not removed:
+                raise not_found(f"session {session_id!r} not found", code="session_not_found")
+        finally:
+            lease.release()
+
+    async def _mutate(self, owner: str, session_id: str,
+                      change: Callable[[SessionRecord, torch.Tensor], tuple[SessionRecord, torch.Tensor]],
+                      *, create: bool = False) -> SessionRecord:
+        """Load → change → store under the session's lock (reset, import)."""
+        key = storage_key(owner, session_id)
+        lease = await self._lock(key, session_id)
+        try:
+            try:
+                snap = await self._load(key, session_id)
+            except APIError:
+                if not create:
+                    raise
+                snap = None  # an unreadable state may be replaced by an import or a reset
+            if snap is None:
+                if not create:
+                    raise not_found(f"session {session_id!r} not found", code="session_not_found")
+                rec, state = await self._salvage_record(key, owner, session_id), self.identity.zero_state()
+            else:
+                rec, state = SessionRecord.from_dict(snap.record), snap.state
+            rec, state = change(rec, state)
+            rec.version += 1
+            rec.last_used_at = self.clock()
+            await self._put(key, rec, state)
+            return rec
+        finally:
+            lease.release()
+
+    async def reset(self, owner: str, session_id: str) -> SessionRecord:
+        session_id = check_session_id(session_id)
+
+        def change(rec: SessionRecord, _: torch.Tensor) -> tuple[SessionRecord, torch.Tensor]:
+            rec.clear_memory()
+            return rec, self.identity.zero_state()
+
+        # a reset also recovers a session whose stored state is corrupted
+        return await self._mutate(owner, session_id, change, create=await self._exists_any(owner, session_id))
+
+    async def _exists_any(self, owner: str, session_id: str) -> bool:
+        return await asyncio.to_thread(self.store.contains, storage_key(owner, session_id))
+
+    async def fork(self, owner: str, session_id: str, new_id: str | None = None, *,
+                   ttl: float | None = None, metadata: dict[str, str] | None = None) -> SessionRecord:
+        """A new session with the same state, message log and pending tokens (version starts over)."""
+        src, state, _ = await self.get(owner, session_id)
+        new_id = check_session_id(new_id, "id") if new_id is not None else f"sess_{uuid.uuid4().hex}"
+        key = storage_key(owner, new_id)
+        lease = await self._lock(key, new_id)
+        try:
+            if await self._load(key, new_id) is not None:
+                raise conflict(f"session {new_id!r} already exists", code="session_exists", param="id")
+            rec = SessionRecord.from_dict(src.to_dict())
+            now = self.clock()
+            rec.session_id, rec.created_at, rec.last_used_at, rec.version = new_id, now, now, 0
+            rec.ttl = ttl if ttl is not None else src.ttl
+            rec.metadata = dict(metadata) if metadata is not None else dict(src.metadata)
+            await self._put(key, rec, state)
+            return rec
+        finally:
+            lease.release()
+
+    async def export(self, owner: str, session_id: str) -> dict[str, Any]:
+        rec, state, _ = await self.get(owner, session_id)
+        snap = self._snapshot(rec, state)
+        return await asyncio.to_thread(export_document, snap)
+
+    async def import_(self, owner: str, session_id: str, document: Any) -> SessionRecord:
+        """Replace (or create) a session's state from an exported document; 409 on adapter mismatch."""
+        session_id = check_session_id(session_id)
+        ident = self.identity
+        try:
+            snap = await asyncio.to_thread(import_document, document,
+                                           expect_adapter_fingerprint=ident.adapter_fingerprint,
+                                           expect_shape=tuple(ident.state_shape),
+                                           expect_layer_names=list(ident.layer_names))
+        except StateMismatchError as exc:
+            raise conflict(f"state does not fit the loaded adapter: {exc}", code="adapter_mismatch") from exc
+        except StateFormatError as exc:
+            raise bad_request(f"invalid state document: {exc}", code="invalid_state") from exc
+        try:
+            src = SessionRecord.from_dict(snap.record) if snap.record.get("session_id") else None
+        except TypeError:
+            src = None
+
+        def change(rec: SessionRecord, _: torch.Tensor) -> tuple[SessionRecord, torch.Tensor]:
+            rec.clear_memory()
+            if src is not None:  # carry the memory's bookkeeping so the next turn continues it exactly
+                rec.turns = src.turns
+                rec.tokens_written, rec.written_digest = src.tokens_written, src.written_digest
+                rec.message_log, rec.written_system = list(src.message_log), list(src.written_system)
+                rec.pending_token_ids = [int(t) for t in src.pending_token_ids]
+                if rec.written_token_ids is not None and src.written_token_ids is not None:
+                    rec.written_token_ids = list(src.written_token_ids)
+            return rec, snap.state.to(torch.float32)
+
+        return await self._mutate(owner, session_id, change, create=True)
+
+    async def sweep_expired(self) -> int:
+        """Delete expired sessions that are not in use; returns how many."""
+        def expired_keys() -> list[str]:
+            now, out = self.clock(), []
+            for key in self.store.keys():
+                try:
+                    data = self.store.peek_record(key)
+                except (StateFormatError, OSError):
+                    continue
+                if data and SessionRecord.from_dict(data).expired(now):
+                    out.append(key)
+            return out
+
+        removed = 0
+        for key in await asyncio.to_thread(expired_keys):
+            if self._locks.busy(key):
+                continue  # in use: not idle, whatever its record says
+            lease = await self._locks.acquire(key, 0, key)
+            try:
+                data = await asyncio.to_thread(self.store.peek_record, key)
+                if data and SessionRecord.from_dict(data).expired(self.clock()):
+                    removed += bool(await asyncio.to_thread(self.store.delete, key))
+            finally:
+                lease.release()
+        return removed

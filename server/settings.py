@@ -1,0 +1,66 @@
+"""Server settings: one pydantic-settings model read from `DELTAMEM_*` env vars and CLI flags.
+
+The CLI flags are generated from these fields (server/cli.py), so there is one source of truth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DELTAMEM_", extra="ignore")
+
+    # --- model ------------------------------------------------------------------------------------
+    model: str | None = Field(None, description="HF checkpoint directory (or hub id) of the frozen model")
+    adapter: str | None = Field(None, description="Δ-Mem adapter directory")
+    demo: bool = Field(False, description="serve a tiny random model + adapter built offline (no download)")
+    demo_dir: Path = Field(Path("./demo-model"), description="where --demo builds (and reuses) its model")
+    served_model_name: str | None = Field(None, description="model id reported by /v1/models (default: model dir name)")
+    engine: Literal["torch", "vllm", "auto"] = Field("auto", description="inference engine")
+    device: str = Field("auto", description="torch engine device: auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: fp32 on CPU, bf16 on GPU)")
+    attn_implementation: str = Field("sdpa", description="transformers attention implementation")
+    max_model_len: int | None = Field(None, ge=1, description="context limit (default: the model's max_position_embeddings)")
+    default_max_tokens: int | None = Field(None, ge=1, description="completion limit when a request gives none (default: rest of the context)")
+    prefill_chunk: int = Field(256, ge=1, description="torch engine: tokens per prefill step (bounds the latency others see)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+    # --- sessions ---------------------------------------------------------------------------------
+    auto_create_sessions: bool = Field(True, description="create unknown session ids on first use (off: 404)")
+    session_ttl: float | None = Field(None, gt=0, description="default idle TTL of a session in seconds (none: never expires)")
+    ttl_sweep_interval: float = Field(60.0, gt=0, description="seconds between TTL sweeps")
+    session_wait_timeout: float = Field(30.0, ge=0, description="how long a request waits for its session's previous turn before 409")
+    message_log_max: int = Field(4096, ge=1, description="message-log entries kept per session (matching window for resent history)")
+    record_written_tokens: bool = Field(False, description="debug: keep every written token id in the session record")
+
+    # --- state store ------------------------------------------------------------------------------
+    state_backend: Literal["filesystem", "redis", "memory"] = Field("filesystem", description="persistent tier")
+    state_dir: Path = Field(Path("./deltamem-state"), description="filesystem backend directory")
+    redis_url: str | None = Field(None, description="redis://host:port/db for the redis backend")
+    redis_prefix: str = Field("deltamem:", description="key prefix in redis")
+    device_pool_size: int = Field(1024, ge=0, description="sessions kept resident on the engine device (LRU)")
+    host_pool_size: int = Field(8192, ge=0, description="sessions kept in host memory behind the device pool")
+
+    # --- HTTP -------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="bind port (0: any free port)")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                     description="accepted Bearer keys, comma-separated (empty: no auth)")
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight turns get to finish on SIGTERM")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        """`a,b` from the environment or a flag, or a list."""
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        if isinstance(v, (list, tuple)):
+            return [k.strip() for item in v for k in str(item).split(",") if k.strip()]
+        return v

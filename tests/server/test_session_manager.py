@@ -1,0 +1,256 @@
+"""SessionManager without HTTP or a model: records, commit/rollback, locking, TTL, fork/reset/import."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from delta_mem_vllm.state import MemoryBackend, Snapshot, TieredStateStore, export_document
+from server.engine.base import GenerationOutput
+from server.errors import APIError
+from server.prompt import ChatMessage
+from server.session_record import EMPTY_DIGEST, extend_digest
+from server.sessions import EngineIdentity, SessionManager
+
+SHAPE = (2, 1, 4, 4)
+NAMES = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+
+
+class FakeTokenizer:
+    """Each message renders to [len(role), *content bytes, 0]; generation prompt = [99]."""
+
+    def apply_chat_template(self, msgs, tokenize, add_generation_prompt, return_dict):
+        ids = []
+        for m in msgs:
+            ids += [len(m["role"]), *m["content"].encode(), 0]
+        return ids + ([99] if add_generation_prompt else [])
+
+
+class FlakyBackend(MemoryBackend):
+    fail = False
+
+    def put(self, key, snapshot):
+        if self.fail:
+            raise OSError("disk full")
+        super().put(key, snapshot)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(backend=None, **kw) -> SessionManager:
+    ident = EngineIdentity(SHAPE, NAMES, "fp-a", "", lambda: torch.zeros(SHAPE))
+    store = TieredStateStore(backend or MemoryBackend(), device_capacity=2, host_capacity=2,
+                             expect_adapter_fingerprint="fp-a", expect_shape=SHAPE, expect_layer_names=NAMES)
+    kw.setdefault("wait_timeout", 5.0)
+    return SessionManager(store, ident, **kw)
+
+
+def output(state: torch.Tensor, written: list[int], pending: list[int], reason="stop") -> GenerationOutput:
+    return GenerationOutput("r", [], "", finished=True, finish_reason=reason, final_state=state,
+                            written_token_ids=written, pending_token_ids=pending)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_create_get_list_delete_and_owner_isolation():
+    async def go():
+        m = make()
+        rec = await m.create("alice", "s1", ttl=60, metadata={"k": "v"})
+        assert rec.version == 0 and rec.metadata == {"k": "v"}
+        with pytest.raises(APIError) as e:
+            await m.create("alice", "s1")
+        assert e.value.status == 409
+        got, state, tier = await m.get("alice", "s1")
+        assert got.session_id == "s1" and torch.equal(state, torch.zeros(SHAPE)) and tier == "device"
+        with pytest.raises(APIError) as e:
+            await m.get("bob", "s1")  # another owner's session does not exist for bob
+        assert e.value.status == 404
+        await m.create("bob", "s1")
+        auto = await m.create("alice")
+        assert auto.session_id.startswith("sess_")
+        page, more = await m.list("alice")
+        assert {r.session_id for r in page} == {"s1", auto.session_id} and not more
+        page, more = await m.list("alice", limit=1)
+        assert len(page) == 1 and more
+        await m.delete("alice", "s1")
+        with pytest.raises(APIError) as e:
+            await m.delete("alice", "s1")
+        assert e.value.status == 404
+        assert (await m.get("bob", "s1"))[0].owner == "bob"
+        with pytest.raises(APIError) as e:
+            await m.get("alice", "bad id")
+        assert e.value.status == 400
+    run(go())
+
+
+def test_turn_commit_and_rollback():
+    async def go():
+        m = make()
+        tok = FakeTokenizer()
+        turn = await m.begin_turn("", "s")            # auto-created
+        msgs = [ChatMessage("system", "S"), ChatMessage("user", "hi")]
+        t = turn.plan_chat(tok, msgs)
+        assert t.write_start == 0 and t.num_pending == 0
+        new_state = torch.ones(SHAPE)
+        await turn.commit(output(new_state, [1, 2, 3], [42]), ChatMessage("assistant", "yo"))
+        turn.release()
+        rec, state, _ = await m.get("", "s")
+        assert rec.version == 1
+        assert torch.equal(state, new_state)
+        assert rec.pending_token_ids == [42] and rec.tokens_written == 3
+        assert rec.written_digest == extend_digest(EMPTY_DIGEST, [1, 2, 3])
+        assert rec.message_log == [ChatMessage("user", "hi").log_entry(), ChatMessage("assistant", "yo").log_entry()]
+        # next turn in memory mode: system is context-only, pending tokens come first after it
+        turn = await m.begin_turn("", "s")
+        t = turn.plan_chat(tok, [ChatMessage("system", "S"), ChatMessage("user", "more")])
+        ctx_len = len(tok.apply_chat_template([{"role": "system", "content": "S"}], True, False, False))
+        assert t.write_start == ctx_len and t.token_ids[ctx_len] == 42
+        turn.release()                                  # no commit: nothing changes
+        rec2, state2, _ = await m.get("", "s")
+        assert rec2.to_dict() == rec.to_dict() and torch.equal(state2, new_state)
+        # an aborted generation can never be committed
+        turn = await m.begin_turn("", "s")
+        turn.plan_chat(tok, [ChatMessage("user", "x")])
+        with pytest.raises(ValueError):
+            await turn.commit(output(torch.ones(SHAPE), [1], [2], reason="abort"))
+        turn.release()
+        # read-only turn: commit is a no-op
+        turn = await m.begin_turn("", "s", write=False)
+        turn.plan_chat(tok, [ChatMessage("user", "x")])
+        assert await turn.commit(output(torch.full(SHAPE, 5.0), [1], [2])) is None
+        turn.release()
+        assert (await m.get("", "s"))[0].version == 1
+    run(go())
+
+
+def test_reset_turn_forgets_log_pending_and_state():
+    async def go():
+        m = make()
+        turn = await m.begin_turn("", "s")
+        turn.plan_chat(FakeTokenizer(), [ChatMessage("user", "a")])
+        await turn.commit(output(torch.ones(SHAPE), [1, 2], [3]), ChatMessage("assistant", "b"))
+        turn.release()
+        turn = await m.begin_turn("", "s", reset=True)
+        assert torch.equal(turn.state, torch.zeros(SHAPE))
+        t = turn.plan_chat(FakeTokenizer(), [ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("user", "c")])
+        assert t.write_start == 0 and t.num_pending == 0   # everything is new again
+        await turn.commit(output(torch.full(SHAPE, 2.0), [7], [8]), ChatMessage("assistant", "d"))
+        turn.release()
+        rec, _, _ = await m.get("", "s")
+        assert rec.tokens_written == 1 and rec.written_digest == extend_digest(EMPTY_DIGEST, [7])
+        assert len(rec.message_log) == 4 and rec.version == 2
+    run(go())
+
+
+def test_auto_create_off_gives_404():
+    async def go():
+        m = make(auto_create=False)
+        with pytest.raises(APIError) as e:
+            await m.begin_turn("", "nope")
+        assert e.value.status == 404 and e.value.code == "session_not_found"
+    run(go())
+
+
+def test_same_session_is_serialised_fifo_and_bounded():
+    async def go():
+        m = make(wait_timeout=2.0)
+        order: list[int] = []
+
+        async def worker(i: int, hold: float) -> None:
+            turn = await m.begin_turn("", "s")
+            order.append(i)
+            await asyncio.sleep(hold)
+            turn.release()
+
+        first = asyncio.create_task(worker(0, 0.2))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(worker(i, 0.01)) for i in (1, 2, 3)]
+        await asyncio.gather(first, *rest)
+        assert order == [0, 1, 2, 3]
+
+        m.wait_timeout = 0.05
+        holder = await m.begin_turn("", "s")
+        with pytest.raises(APIError) as e:
+            await m.begin_turn("", "s")
+        assert e.value.status == 409 and e.value.code == "session_busy"
+        other = await m.begin_turn("", "other")   # other sessions are not blocked
+        other.release()
+        holder.release()
+        (await m.begin_turn("", "s")).release()   # and the lock is usable again
+    run(go())
+
+
+def test_failed_persist_commits_nothing():
+    async def go():
+        backend = FlakyBackend()
+        m = make(backend)
+        turn = await m.begin_turn("", "s")
+        turn.plan_chat(FakeTokenizer(), [ChatMessage("user", "a")])
+        backend.fail = True
+        with pytest.raises(APIError) as e:
+            await turn.commit(output(torch.ones(SHAPE), [1], [2]), ChatMessage("assistant", "b"))
+        assert e.value.status == 503
+        turn.release()
+        backend.fail = False
+        rec, state, _ = await m.get("", "s")
+        assert rec.version == 0 and torch.equal(state, torch.zeros(SHAPE))
+    run(go())
+
+
+def test_fork_reset_export_import():
+    async def go():
+        m = make()
+        turn = await m.begin_turn("", "s")
+        turn.plan_chat(FakeTokenizer(), [ChatMessage("user", "a")])
+        st = torch.randn(SHAPE)
+        await turn.commit(output(st, [1, 2], [3]), ChatMessage("assistant", "b"))
+        turn.release()
+        fork = await m.fork("", "s", "f")
+        assert fork.version == 0 and fork.pending_token_ids == [3] and fork.message_log
+        assert torch.equal((await m.get("", "f"))[1], st)
+        doc = await m.export("", "s")
+        await m.import_("", "imported", doc)
+        rec, state, _ = await m.get("", "imported")
+        assert torch.equal(state, st) and rec.pending_token_ids == [3] and rec.version == 1
+        reset = await m.reset("", "s")
+        assert reset.version == 2 and reset.tokens_written == 0 and reset.pending_token_ids == []
+        assert torch.equal((await m.get("", "s"))[1], torch.zeros(SHAPE))
+        # a document for another adapter is a conflict; a damaged one is a bad request
+        other = export_document(Snapshot(st, {}, "fp-b", NAMES))
+        with pytest.raises(APIError) as e:
+            await m.import_("", "x", other)
+        assert e.value.status == 409 and e.value.code == "adapter_mismatch"
+        bad = dict(doc, data=doc["data"][:-8] + "AAAAAAA=")
+        with pytest.raises(APIError) as e:
+            await m.import_("", "x", bad)
+        assert e.value.status == 400
+        with pytest.raises(APIError) as e:
+            await m.fork("", "s", "f")  # target exists
+        assert e.value.status == 409
+    run(go())
+
+
+def test_ttl_expiry_on_access_and_sweep():
+    async def go():
+        clock = Clock()
+        m = make(clock=clock, default_ttl=10)
+        await m.create("", "a")
+        await m.create("", "b", ttl=100)
+        clock.t += 11
+        with pytest.raises(APIError) as e:
+            await m.get("", "a")
+        assert e.value.status == 404
+        clock.t += 100
+        assert await m.sweep_expired() == 1   # b
+        assert (await m.list(""))[0] == []
+    run(go())
