@@ -47,8 +47,8 @@ class _Call:
     """Per-forward metadata the hooks read; lives only for the duration of one call."""
 
     state: Tensor                        # [B, L, h, R, R] fp32 (input, never written)
-    valid: Tensor                        # [B, T] bool
-    writes: Tensor                       # [B, T] bool, subset of valid
+    valid: Tensor | None                 # [B, T] bool; None = every token is real
+    writes: Tensor | None                # [B, T] bool, subset of valid; None = every token writes
     segment_ids: Tensor | None
     new_state: list[Tensor | None] = field(default_factory=list)
     reads: dict[int, Tensor] = field(default_factory=dict)
@@ -229,7 +229,7 @@ class DeltaMemModel(nn.Module):
                 call = self._call
                 if call is None or index not in call.reads:
                     return None
-                return output + layer.correction(head, call.reads[index], output.dtype)
+                return layer.add_correction(head, output, call.reads[index])
             return hook
 
         def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -278,7 +278,9 @@ class DeltaMemModel(nn.Module):
             state = self.zero_state(B)
         if tuple(state.shape) != (B, *self.state_shape):
             raise ValueError(f"state has shape {tuple(state.shape)}, expected {(B, *self.state_shape)}")
-        call = _Call(state=state.to(device=device, dtype=torch.float32), valid=valid, writes=writes,
+        all_write = bool(writes.all())   # the common case (decode, fresh prefill) skips every mask op
+        call = _Call(state=state.to(device=device, dtype=torch.float32), valid=None if all_write else valid,
+                     writes=None if all_write else writes,
                      segment_ids=self._segment_ids(message_ids, sentence_ids, (B, T)),
                      new_state=[None] * len(self.layers))
         kwargs = {self._cache_kwarg: past_key_values}

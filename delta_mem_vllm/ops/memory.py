@@ -91,12 +91,20 @@ class DeltaMemLayer(nn.Module):
             self.delta_scale_raw.fill_(cfg.delta_scale_raw_init())
 
     # --- per-token quantities -----------------------------------------------------------------
-    def _input_projection(self) -> tuple[Tensor, Tensor]:
-        """All input-side weights packed as one fp32 [3D + G (+G), H] matrix and its bias.
+    def _cached(self, name: str, params: list[Tensor], build):
+        """Derived inference-time tensors, rebuilt when a parameter changes (version counters) and
+        computed fresh whenever autograd needs the graph."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cache = self.__dict__.setdefault("_derived", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, build())
+        return cache[name][1]
 
-        One matmul per layer and token instead of three; cached for inference and rebuilt when a
-        parameter changes (version counters), computed fresh whenever autograd needs the graph.
-        """
+    def _input_projection(self) -> tuple[Tensor, Tensor]:
+        """All input-side weights packed as one fp32 [3D + G (+G), H] matrix and its bias: one matmul
+        per layer and token instead of three."""
         names = ["memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj"]
         biases = ["beta_bias"]
         if not self.config.couple_lambda:
@@ -106,12 +114,7 @@ class DeltaMemLayer(nn.Module):
         build = lambda: (torch.cat([getattr(self, n) for n in names]).float(),  # noqa: E731
                          torch.cat([torch.zeros(3 * self.config.state_read_dim, device=params[0].device)]
                                    + [getattr(self, b).float() for b in biases]))
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return build()
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        if getattr(self, "_packed_key", None) != key:
-            self._packed, self._packed_key = build(), key
-        return self._packed
+        return self._cached("input", params, build)
 
     def features(self, x: Tensor) -> tuple[Tensor, ...]:
         """(q, k, v, keep, erase, write) of hidden states x [..., H], each fp32 [..., h, R]."""
@@ -157,12 +160,23 @@ class DeltaMemLayer(nn.Module):
             delta = d * self.delta_o_rmsnorm_weight.float()
         return delta.to(out_dtype)
 
+    def add_correction(self, head: str, output: Tensor, reads: Tensor) -> Tensor:
+        """output + δX, fused into one addmm (scale folded into a cached weight) where possible."""
+        if head == "o" and self.config.delta_o_rmsnorm:
+            return output + self.correction(head, reads, output.dtype)
+        weight = getattr(self, f"delta_{head}_proj")
+        params = [weight] + ([self.delta_scale_raw] if self.config.trainable_delta_scale else [])
+        scaled_t = self._cached(f"delta_{head}", params, lambda: (weight * self.head_scale(head)).t().to(output.dtype))
+        flat = torch.addmm(output.reshape(-1, output.shape[-1]), reads.reshape(-1, reads.shape[-1]).to(output.dtype),
+                           scaled_t)
+        return flat.view(output.shape)
+
     # --- the memory step ------------------------------------------------------------------------
     def memory_step(self, x: Tensor, state: Tensor, valid: Tensor, writes: Tensor,
                     segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Reads for every token and the new state, for a batch of rows.
 
-        x [B,T,H]; state [B,h,R,R] fp32; valid/writes [B,T] bool (writes ⊆ valid);
+        x [B,T,H]; state [B,h,R,R] fp32; valid/writes [B,T] bool (writes ⊆ valid; None = all);
         segment_ids [B,T] long (−1 = not written) switches to segment-mean writes (METHOD.md §2.3).
         Returns reads [B,T,D] fp32 (zero on invalid tokens) and the new state [B,h,R,R] fp32.
         """
@@ -170,15 +184,24 @@ class DeltaMemLayer(nn.Module):
         B, T, _ = x.shape
         h, R = cfg.num_state_heads, cfg.rank
         q, k, v, keep, erase, write = self.features(x)
-        if segment_ids is not None and bool((writes & (segment_ids >= 0)).any()):
-            return self._segment_step(x, q, state, writes, segment_ids, valid)
+        if segment_ids is not None:
+            all_true = torch.ones(B, T, dtype=torch.bool, device=x.device)
+            valid = all_true if valid is None else valid
+            writes = valid if writes is None else writes
+            if bool((writes & (segment_ids >= 0)).any()):
+                return self._segment_step(x, q, state, writes, segment_ids, valid)
         # token writes (also the reference's fallback when a segment call has no usable ids)
-        flat = lambda t: t.permute(0, 2, 1, 3).reshape(B * h, T, R)  # noqa: E731  (B,h) → one batch dim
-        per_head = lambda m: m[:, None, :].expand(B, h, T).reshape(B * h, T)  # noqa: E731
+        if h == 1:  # no head axis to fold into the batch: views only
+            flat = lambda t: t.view(B, T, R)  # noqa: E731
+            per_head = lambda m: m  # noqa: E731
+        else:
+            flat = lambda t: t.permute(0, 2, 1, 3).reshape(B * h, T, R)  # noqa: E731
+            per_head = lambda m: None if m is None else m[:, None, :].expand(B, h, T).reshape(B * h, T)  # noqa: E731
         new_state, reads = scan(state.reshape(B * h, R, R), flat(q), flat(k), flat(v), flat(keep), flat(erase),
                                 flat(write), per_head(valid), per_head(writes))
-        reads = reads.view(B, h, T, R).permute(0, 2, 1, 3).reshape(B, T, h * R)
-        return reads, new_state.view(B, h, R, R)
+        if h > 1:
+            reads = reads.view(B, h, T, R).permute(0, 2, 1, 3)
+        return reads.reshape(B, T, h * R), new_state.view(B, h, R, R)
 
     def _segment_step(self, x: Tensor, q: Tensor, state: Tensor, writes: Tensor, segment_ids: Tensor,
                       valid: Tensor) -> tuple[Tensor, Tensor]:
