@@ -88,7 +88,8 @@ def serve(settings: Settings) -> int:
         from server.demo import build_demo_model
 
         model_dir, adapter_dir = build_demo_model(settings.demo_dir)
-        settings = settings.model_copy(update={"model": str(model_dir), "adapter": str(adapter_dir)})
+        settings = settings.model_copy(update={"model": str(model_dir), "adapter": str(adapter_dir),
+                                               "served_model_name": settings.served_model_name or "delta-mem-demo"})
     if not settings.model or not settings.adapter:
         print("delta-mem-vllm: error: --model and --adapter are required (or --demo)", file=sys.stderr)
         return 2
@@ -98,7 +99,6 @@ def serve(settings: Settings) -> int:
     server = GracefulServer(config)
     server.run()
     return 0 if server.started else 1
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
