@@ -87,7 +87,8 @@ class Turn:
     def memory(self) -> MemorySpec:
         s = self.session
         return MemorySpec(initial_state=s.state if s else None, write_start=self.tokens.write_start,
-                          write=self.write, cache_salt=s.cache_salt if s else None)
+                          write=self.write, cache_salt=s.cache_salt if s else None,
+                          message_ids=self.tokens.message_ids, sentence_ids=self.tokens.sentence_ids)
 
     @property
     def text(self) -> str:

@@ -12,8 +12,10 @@ read-only, tokens from it on (incl. the generation prompt) are written.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
+
+from delta_mem_vllm.segments import chat_segment_ids
 
 SYSTEM_ROLES = ("system", "developer")
 
@@ -51,6 +53,9 @@ class TurnTokens:
     write_start: int
     num_context: int
     num_pending: int
+    # segment-write adapters only (METHOD.md §2.3–2.5): per-token message / sentence ids, −1 = no segment
+    message_ids: tuple[int, ...] | None = None
+    sentence_ids: tuple[int, ...] | None = None
 
     @property
     def num_written_prompt(self) -> int:
@@ -100,11 +105,13 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def build_chat_turn(tokenizer: Any, messages: Sequence[ChatMessage], first_new: int,
-                    pending: Sequence[int] = ()) -> TurnTokens:
+                    pending: Sequence[int] = (), granularity: str = "token") -> TurnTokens:
     """Token ids of a chat turn: context-only prefix, then pending tokens, then the new part.
 
     The context length is the rendering of messages[:first_new]; if a template does not render
     that as a prefix of the full prompt, the common prefix is used (more tokens written, never fewer).
+    Segment-write adapters also get segment ids: the pending tokens form the first segment, then
+    each new message (or sentence) one, as the reference assigns them; the generation prompt none.
     """
     full = render(tokenizer, messages, add_generation_prompt=True)
     n_ctx = 0
@@ -112,11 +119,26 @@ def build_chat_turn(tokenizer: Any, messages: Sequence[ChatMessage], first_new: 
         ctx = render(tokenizer, messages[:first_new], add_generation_prompt=False)
         n_ctx = len(ctx) if full[:len(ctx)] == ctx else common_prefix_len(full, ctx)
     pend = list(pending)
-    return TurnTokens(token_ids=full[:n_ctx] + pend + full[n_ctx:], write_start=n_ctx,
+    turn = TurnTokens(token_ids=full[:n_ctx] + pend + full[n_ctx:], write_start=n_ctx,
                       num_context=n_ctx, num_pending=len(pend))
+    if granularity == "token":
+        return turn
+    seg = chat_segment_ids(tokenizer, [m.template_dict() for m in messages], add_generation_prompt=True,
+                           sentences=granularity == "sentence_mean")
+    if seg.input_ids != full:
+        raise ValueError("segment ids do not align with the rendered prompt")
+
+    def ids(per_token: list[int]) -> tuple[int, ...]:
+        return tuple([-1] * n_ctx + [0] * len(pend) + [i + 1 if i >= 0 else -1 for i in per_token[n_ctx:]])
+
+    return replace(turn, message_ids=ids(seg.message_ids), sentence_ids=ids(seg.sentence_ids))
 
 
-def build_text_turn(prompt_ids: Sequence[int], pending: Sequence[int] = ()) -> TurnTokens:
-    """A raw-text (completions) turn: every prompt token is new."""
+def build_text_turn(prompt_ids: Sequence[int], pending: Sequence[int] = (), granularity: str = "token") -> TurnTokens:
+    """A raw-text (completions) turn: every prompt token is new (one segment after the pending one)."""
     pend = list(pending)
-    return TurnTokens(token_ids=pend + list(prompt_ids), write_start=0, num_context=0, num_pending=len(pend))
+    turn = TurnTokens(token_ids=pend + list(prompt_ids), write_start=0, num_context=0, num_pending=len(pend))
+    if granularity == "token":
+        return turn
+    ids = tuple([0] * len(pend) + [1] * len(prompt_ids))
+    return replace(turn, message_ids=ids, sentence_ids=ids)

@@ -136,18 +136,18 @@ class SessionTurn:
     def cache_salt(self) -> str:
         return f"{self.key}:{self.record.version}"
 
-    def plan_chat(self, tokenizer: Any, messages: Sequence[ChatMessage]) -> TurnTokens:
+    def plan_chat(self, tokenizer: Any, messages: Sequence[ChatMessage], granularity: str = "token") -> TurnTokens:
         """Split the messages (SPEC §3) and build context + pending + new token ids."""
         log_, sys_, pending = self.record.message_log, self.record.written_system, self.record.pending_token_ids
         first_new = split_messages(messages, log_, sys_)
         new = messages[first_new:]
         self._new_entries = [m.log_entry() for m in new if not m.is_system]
         self._new_system = [m.log_entry() for m in new if m.is_system]
-        self.tokens = build_chat_turn(tokenizer, messages, first_new, pending)
+        self.tokens = build_chat_turn(tokenizer, messages, first_new, pending, granularity)
         return self.tokens
 
-    def plan_text(self, prompt_ids: Sequence[int]) -> TurnTokens:
-        self.tokens = build_text_turn(prompt_ids, self.record.pending_token_ids)
+    def plan_text(self, prompt_ids: Sequence[int], granularity: str = "token") -> TurnTokens:
+        self.tokens = build_text_turn(prompt_ids, self.record.pending_token_ids, granularity)
         return self.tokens
 
     async def commit(self, output: GenerationOutput, reply: ChatMessage | None = None) -> SessionRecord | None:

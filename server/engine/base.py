@@ -38,12 +38,16 @@ class MemorySpec:
     write: False = read-only request (the state is returned unchanged).
     cache_salt: KV-prefix-cache identity; two requests may share cached KV only when their salts match
                 (the initial state changes every layer's K/V after the first).
+    message_ids / sentence_ids: per prompt token, for segment-write adapters (−1 = in no segment);
+                required when the engine's write_granularity is not "token".
     """
 
     initial_state: torch.Tensor | None = None
     write_start: int = 0
     write: bool = True
     cache_salt: str | None = None
+    message_ids: tuple[int, ...] | None = None
+    sentence_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Engine(Protocol):
     model_fingerprint: str
     device: torch.device                # where states live between requests (the store's device tier)
     eos_token_ids: tuple[int, ...]
+    write_granularity: str              # "token", "message_mean" or "sentence_mean" (the adapter's)
 
     async def start(self) -> None: ...
 

@@ -66,6 +66,7 @@ class TorchEngine:
         self.model_fingerprint = model_fingerprint if model_fingerprint is not None else _config_fingerprint(cfg)
         self.device = dm.device
         self.eos_token_ids = _eos_ids(dm.model, tokenizer)
+        self.write_granularity = dm.config.memory_write_granularity
         # ids >= len(tokenizer) are padding rows of the embedding: never sample them
         self.valid_vocab = len(tokenizer)
         self._incoming: deque[_Active] = deque()
@@ -142,6 +143,11 @@ class TorchEngine:
             raise EngineError("empty prompt")
         if not 0 <= request.memory.write_start <= len(prompt):
             raise EngineError(f"write_start {request.memory.write_start} outside the prompt (length {len(prompt)})")
+        if self.write_granularity != "token":
+            ids = (request.memory.message_ids, request.memory.sentence_ids)
+            if any(i is None or len(i) != len(prompt) for i in ids):
+                raise EngineError(f"a {self.write_granularity} adapter needs message and sentence ids for "
+                                  "every prompt token")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
 
@@ -211,20 +217,33 @@ class TorchEngine:
         prompt = act.req.prompt_token_ids
         write = act.req.memory.write
         if act.pos < len(prompt):
-            chunk = prompt[act.pos:act.pos + self.prefill_chunk]
-            ws = min(max(act.write_start - act.pos, 0), len(chunk))
-            logits = self._forward(act, chunk, ws, write)
-            act.pos += len(chunk)
+            # Segment means depend on call boundaries (METHOD.md §2.3), so a segment adapter's prompt
+            # is one call, as in the reference runtime; token writes are chunking-invariant.
+            size = self.prefill_chunk if self.write_granularity == "token" else len(prompt)
+            span = slice(act.pos, act.pos + size)
+            ws = min(max(act.write_start - act.pos, 0), len(prompt[span]))
+            segments = None
+            if self.write_granularity != "token":
+                segments = (act.req.memory.message_ids[span], act.req.memory.sentence_ids[span])
+            logits = self._forward(act, prompt[span], ws, write, segments)
+            act.pos += len(prompt[span])
             if act.pos < len(prompt):
                 return False
         else:
-            logits = self._forward(act, [act.to_feed], 0, write)
+            # a generated token is its own call: a one-token segment, i.e. a token write
+            segments = None if self.write_granularity == "token" else ((0,), (0,))
+            logits = self._forward(act, [act.to_feed], 0, write, segments)
         return self._on_logits(act, logits)
 
-    def _forward(self, act: _Active, ids: list[int], write_start: int, write: bool) -> torch.Tensor:
+    def _forward(self, act: _Active, ids: list[int], write_start: int, write: bool,
+                 segments: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> torch.Tensor:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        seg_kwargs = {}
+        if segments is not None:
+            seg_kwargs = {name: torch.tensor([list(v)], dtype=torch.long, device=self.device)
+                          for name, v in zip(("message_ids", "sentence_ids"), segments)}
         out = self.dm(input_ids, state=act.state, write_start=write_start, write=write,
-                      past_key_values=act.cache, use_cache=True)
+                      past_key_values=act.cache, use_cache=True, **seg_kwargs)
         act.state = out.state
         act.cache = out.past_key_values
         return out.logits[0, -1]

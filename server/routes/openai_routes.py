@@ -162,7 +162,9 @@ async def _chat(ctx: AppContext, request: Request, owner: str, body: ChatComplet
 
     def plan(session: SessionTurn | None) -> TurnTokens:
         try:
-            return session.plan_chat(tok, messages) if session else build_chat_turn(tok, messages, 0)
+            gran = ctx.engine.write_granularity
+            return (session.plan_chat(tok, messages, gran) if session
+                    else build_chat_turn(tok, messages, 0, granularity=gran))
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
             raise bad_request(f"the chat template cannot render these messages: {exc}", param="messages",
                               code="invalid_messages") from None
@@ -251,7 +253,8 @@ async def _complete(ctx: AppContext, request: Request, owner: str, body: Complet
     ids = _prompt_ids(ctx, body.prompt)
 
     def plan(session: SessionTurn | None) -> TurnTokens:
-        return session.plan_text(ids) if session else build_text_turn(ids)
+        gran = ctx.engine.write_granularity
+        return session.plan_text(ids, gran) if session else build_text_turn(ids, granularity=gran)
 
     # OpenAI's default for legacy completions is 16 tokens
     turn = await _prepare(ctx, owner, body, sid, "completion", plan, body.max_tokens, 16, "prompt")
