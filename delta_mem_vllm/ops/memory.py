@@ -172,7 +172,7 @@ class DeltaMemLayer(nn.Module):
         return flat.view(output.shape)
 
     # --- the memory step ------------------------------------------------------------------------
-    def memory_step(self, x: Tensor, state: Tensor, valid: Tensor, writes: Tensor,
+    def memory_step(self, x: Tensor, state: Tensor, valid: Tensor | None, writes: Tensor | None,
                     segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Reads for every token and the new state, for a batch of rows.
 
