@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -287,21 +287,21 @@ class SessionManager:
         tier = await asyncio.to_thread(self.store.tier_of, key)
         return SessionRecord.from_dict(snap.record), snap.state, tier
 
+    def _records(self) -> Iterator[tuple[str, SessionRecord]]:
+        """Every readable session record in the store, without loading states (blocking I/O)."""
+        for key in self.store.keys():
+            try:
+                data = self.store.peek_record(key)
+            except (StateFormatError, OSError):
+                continue
+            if data:
+                yield key, SessionRecord.from_dict(data)
+
     async def list(self, owner: str, *, limit: int = 100, after: str | None = None) -> tuple[list[SessionRecord], bool]:
         """The owner's live sessions, newest first; (page, has_more)."""
         def scan() -> list[SessionRecord]:
-            now, out = self.clock(), []
-            for key in self.store.keys():
-                try:
-                    data = self.store.peek_record(key)
-                except (StateFormatError, OSError):
-                    continue
-                if not data or data.get("owner") != owner:
-                    continue
-                rec = SessionRecord.from_dict(data)
-                if not rec.expired(now):
-                    out.append(rec)
-            return out
+            now = self.clock()
+            return [rec for _, rec in self._records() if rec.owner == owner and not rec.expired(now)]
 
         recs = sorted(await asyncio.to_thread(scan), key=lambda r: (-r.created_at, r.session_id))
         if after is not None:
@@ -422,15 +422,8 @@ class SessionManager:
     async def sweep_expired(self) -> int:
         """Delete expired sessions that are not in use; returns how many."""
         def expired_keys() -> list[str]:
-            now, out = self.clock(), []
-            for key in self.store.keys():
-                try:
-                    data = self.store.peek_record(key)
-                except (StateFormatError, OSError):
-                    continue
-                if data and SessionRecord.from_dict(data).expired(now):
-                    out.append(key)
-            return out
+            now = self.clock()
+            return [key for key, rec in self._records() if rec.expired(now)]
 
         removed = 0
         for key in await asyncio.to_thread(expired_keys):
