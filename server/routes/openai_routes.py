@@ -171,18 +171,25 @@ async def _chat(ctx: AppContext, request: Request, owner: str, body: ChatComplet
 
     requested = body.max_completion_tokens or body.max_tokens
     turn = await _prepare(ctx, owner, body, sid, "chat", plan, requested, ctx.settings.default_max_tokens, "messages")
+    return await _reply(ctx, request, turn, body, model, sid, chat=True)
+
+
+async def _reply(ctx: AppContext, request: Request, turn: Turn, body: Any, model: str, sid: str | None, *,
+                 chat: bool) -> Response:
+    """Stream the turn as SSE, or wait for it (a disconnect aborts it) and answer one JSON object."""
     headers = _session_headers(sid)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return _TurnStream(_chat_events(ctx, turn, model, include_usage, body.return_token_ids), turn, headers)
-    done = await _until_disconnect(request, _drain(ctx, turn))
-    if done is None:
+        events = _chat_events if chat else _completion_events
+        return _TurnStream(events(ctx, turn, model, include_usage, body.return_token_ids), turn, headers)
+    if await _until_disconnect(request, _drain(ctx, turn)) is None:
         return Response(status_code=499)
     out = turn.final
     assert out is not None
-    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": turn.text},
-                              "logprobs": None, "finish_reason": out.finish_reason}
-    resp: dict[str, Any] = {"id": f"chatcmpl-{turn.request_id}", "object": "chat.completion", "created": turn.created,
+    content = {"message": {"role": "assistant", "content": turn.text}} if chat else {"text": turn.text}
+    choice: dict[str, Any] = {"index": 0, **content, "logprobs": None, "finish_reason": out.finish_reason}
+    resp: dict[str, Any] = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{turn.request_id}",
+                            "object": "chat.completion" if chat else "text_completion", "created": turn.created,
                             "model": model, "system_fingerprint": None, "choices": [choice], "usage": _usage(out),
                             "delta_mem": turn.delta_mem_info()}
     if body.return_token_ids:
@@ -258,23 +265,7 @@ async def _complete(ctx: AppContext, request: Request, owner: str, body: Complet
 
     # OpenAI's default for legacy completions is 16 tokens
     turn = await _prepare(ctx, owner, body, sid, "completion", plan, body.max_tokens, 16, "prompt")
-    headers = _session_headers(sid)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    if body.stream:
-        return _TurnStream(_completion_events(ctx, turn, model, include_usage, body.return_token_ids), turn, headers)
-    done = await _until_disconnect(request, _drain(ctx, turn))
-    if done is None:
-        return Response(status_code=499)
-    out = turn.final
-    assert out is not None
-    choice: dict[str, Any] = {"index": 0, "text": turn.text, "logprobs": None, "finish_reason": out.finish_reason}
-    resp: dict[str, Any] = {"id": f"cmpl-{turn.request_id}", "object": "text_completion", "created": turn.created,
-                            "model": model, "system_fingerprint": None, "choices": [choice], "usage": _usage(out),
-                            "delta_mem": turn.delta_mem_info()}
-    if body.return_token_ids:
-        resp["prompt_token_ids"] = turn.tokens.token_ids
-        choice["token_ids"] = turn.token_ids
-    return JSONResponse(resp, headers=headers)
+    return await _reply(ctx, request, turn, body, model, sid, chat=False)
 
 
 async def _completion_events(ctx: AppContext, turn: Turn, model: str, include_usage: bool,
