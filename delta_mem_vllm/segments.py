@@ -27,6 +27,7 @@ __all__ = [
     "chat_segment_ids",
     "generated_token_ids",
     "count_non_system_messages",
+    "common_prefix_len",
 ]
 
 # The reference runtime's tolerance for re-rendered tokens between incremental renders.
@@ -103,7 +104,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -148,7 +149,7 @@ def _sentence_labels(tokenizer: Any, content: Any, delta: Sequence[int], next_id
 
 
 def _delta(previous: list[int], current: list[int], max_rollback: int, what: str) -> int:
-    prefix = _common_prefix(previous, current)
+    prefix = common_prefix_len(previous, current)
     rollback = len(previous) - prefix
     if rollback > max_rollback:
         raise ValueError(

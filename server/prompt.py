@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from delta_mem_vllm.segments import chat_segment_ids
+from delta_mem_vllm.segments import chat_segment_ids, common_prefix_len
 
 SYSTEM_ROLES = ("system", "developer")
 
@@ -94,14 +94,6 @@ def render(tokenizer: Any, messages: Sequence[ChatMessage], add_generation_promp
     ids = tokenizer.apply_chat_template([m.template_dict() for m in messages], tokenize=True,
                                         add_generation_prompt=add_generation_prompt, return_dict=False)
     return list(ids)
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def build_chat_turn(tokenizer: Any, messages: Sequence[ChatMessage], first_new: int,
