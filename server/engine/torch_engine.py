@@ -1,10 +1,11 @@
 """TorchEngine: the embedded engine (transformers model + Δ-Mem via DeltaMemModel), CPU or GPU.
 
 One worker thread owns the model. It round-robins over the active requests, giving each one step
-per round: a prefill chunk of at most `prefill_chunk` tokens, or one decode token. So streams
-interleave and a long prompt or generation never blocks the others. Each request carries its own
-state tensor and KV cache (DeltaMemModel is functional in the state), so requests cannot see each
-other's memory. Results go back to per-request asyncio queues through loop.call_soon_threadsafe.
+per round: a prefill chunk of at most `prefill_chunk` tokens, or one decode token — the decode tokens
+of all requests run as one batched forward. So streams interleave and a long prompt or generation
+never blocks the others. Each request carries its own state tensor and KV cache (DeltaMemModel is
+functional in the state, and every batch row has its own state, write permission and padding mask),
+so requests cannot see each other's memory. Results go back to per-request asyncio queues through loop.call_soon_threadsafe.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class TorchEngine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.batched_decode_steps = 0            # decode rounds that ran as one batched forward
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -118,7 +120,8 @@ class TorchEngine:
     def health(self) -> dict[str, Any]:
         with self._cond:
             active = len(self._active) + len(self._incoming)
-        return {"worker_alive": self._thread is not None and self._thread.is_alive(), "active_requests": active}
+        return {"worker_alive": self._thread is not None and self._thread.is_alive(), "active_requests": active,
+                "batched_decode_steps": self.batched_decode_steps}
 
     # --- states ---------------------------------------------------------------------------------
     def zero_state(self) -> torch.Tensor:
@@ -194,46 +197,104 @@ class TorchEngine:
                     break
                 while self._incoming:
                     self._active.append(self._incoming.popleft())
-            for act in list(self._active):
-                done = True
-                if not act.aborted:
-                    try:
-                        with torch.inference_mode():
-                            done = self._step(act)
-                    except Exception as exc:  # noqa: BLE001 - report to the request, keep serving others
-                        log.exception("request %s failed", act.req.request_id)
-                        act.push(GenerationOutput(act.req.request_id, [], "", finished=True, finish_reason="error",
-                                                  error=f"{type(exc).__name__}: {exc}"))
-                if done:
-                    act.cache = None
-                    with self._cond:
-                        self._active.remove(act)
+            finished = [act for act in self._active if act.aborted]
+            decoding = [act for act in self._active if not act.aborted and act.pos >= len(act.req.prompt_token_ids)]
+            for act in self._active:   # one prefill chunk per prefilling request …
+                if not act.aborted and act not in decoding and self._guarded(act, self._prefill_step):
+                    finished.append(act)
+            if decoding:               # … and one token for every decoding request, as one batch
+                finished += self._decode_round(decoding)
+            for act in finished:
+                act.cache = None
+                with self._cond:
+                    self._active.remove(act)
         for act in doomed:
             act.push(GenerationOutput(act.req.request_id, [], "", finished=True, finish_reason="abort",
                                       error="engine stopped"))
 
-    def _step(self, act: _Active) -> bool:
-        """One prefill chunk or one decode token; True when the request is finished."""
+    def _guarded(self, act: _Active, step: Callable[[_Active], bool]) -> bool:
+        """Run one step of one request; a failure ends that request only. True when it is finished."""
+        try:
+            with torch.inference_mode():
+                return step(act)
+        except Exception as exc:  # noqa: BLE001 - report to the request, keep serving others
+            log.exception("request %s failed", act.req.request_id)
+            act.push(GenerationOutput(act.req.request_id, [], "", finished=True, finish_reason="error",
+                                      error=f"{type(exc).__name__}: {exc}"))
+            return True
+
+    def _prefill_step(self, act: _Active) -> bool:
+        """One prefill chunk; the last one samples the first token."""
         prompt = act.req.prompt_token_ids
-        write = act.req.memory.write
-        if act.pos < len(prompt):
-            # Segment means depend on call boundaries (METHOD.md §2.3), so a segment adapter's prompt
-            # is one call, as in the reference runtime; token writes are chunking-invariant.
-            size = self.prefill_chunk if self.write_granularity == "token" else len(prompt)
-            span = slice(act.pos, act.pos + size)
-            ws = min(max(act.write_start - act.pos, 0), len(prompt[span]))
-            segments = None
-            if self.write_granularity != "token":
-                segments = (act.req.memory.message_ids[span], act.req.memory.sentence_ids[span])
-            logits = self._forward(act, prompt[span], ws, write, segments)
-            act.pos += len(prompt[span])
-            if act.pos < len(prompt):
-                return False
-        else:
-            # a generated token is its own call: a one-token segment, i.e. a token write
-            segments = None if self.write_granularity == "token" else ((0,), (0,))
-            logits = self._forward(act, [act.to_feed], 0, write, segments)
-        return self._on_logits(act, logits)
+        # Segment means depend on call boundaries (METHOD.md §2.3), so a segment adapter's prompt
+        # is one call, as in the reference runtime; token writes are chunking-invariant.
+        size = self.prefill_chunk if self.write_granularity == "token" else len(prompt)
+        span = slice(act.pos, act.pos + size)
+        ws = min(max(act.write_start - act.pos, 0), len(prompt[span]))
+        segments = None
+        if self.write_granularity != "token":
+            segments = (act.req.memory.message_ids[span], act.req.memory.sentence_ids[span])
+        logits = self._forward(act, prompt[span], ws, act.req.memory.write, segments)
+        act.pos += len(prompt[span])
+        return act.pos >= len(prompt) and self._on_logits(act, logits)
+
+    def _decode_step(self, act: _Active) -> bool:
+        # a generated token is its own call: a one-token segment, i.e. a token write
+        segments = None if self.write_granularity == "token" else ((0,), (0,))
+        return self._on_logits(act, self._forward(act, [act.to_feed], 0, act.req.memory.write, segments))
+
+    def _decode_round(self, acts: list[_Active]) -> list[_Active]:
+        """Feed every decoding request its last token in one batched forward; returns the finished.
+
+        Each request keeps its own state and KV cache between rounds: the batch is assembled per step
+        (caches left-padded to a common length, masked out), so requests join and leave freely and
+        a row's result does not depend on its neighbours. Falls back to one call per request where
+        batching does not apply (a single request, sliding-window caches) or a batched call fails.
+        """
+        if len(acts) > 1 and self._batchable(acts):
+            try:
+                with torch.inference_mode():
+                    logits = self._batched_forward(acts)
+            except Exception:  # noqa: BLE001 - retry one by one so only a broken request fails
+                log.exception("batched decode step failed; retrying per request")
+            else:
+                return [act for act, row in zip(acts, logits) if self._guarded(act, lambda a, r=row: self._on_logits(a, r))]
+        return [act for act in acts if self._guarded(act, self._decode_step)]
+
+    @staticmethod
+    def _batchable(acts: list[_Active]) -> bool:
+        return all(act.cache is not None and not any(getattr(layer, "is_sliding", False) for layer in act.cache.layers)
+                   for act in acts)
+
+    def _batched_forward(self, acts: list[_Active]) -> list[torch.Tensor]:
+        from transformers import DynamicCache
+
+        lengths = [act.cache.get_seq_length() for act in acts]
+        longest = max(lengths)
+        pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, n, 0))  # noqa: E731  (left, on the sequence axis)
+        layers = []
+        for per_request in zip(*(act.cache.layers for act in acts)):
+            layers.append((torch.cat([pad(layer.keys, longest - n) for layer, n in zip(per_request, lengths)]),
+                           torch.cat([pad(layer.values, longest - n) for layer, n in zip(per_request, lengths)])))
+        mask = torch.zeros(len(acts), longest + 1, dtype=torch.long, device=self.device)
+        for row, n in enumerate(lengths):
+            mask[row, longest - n:] = 1
+        # a read-only request writes nothing: its one token this step is a read-only prefix
+        write_start = torch.tensor([0 if act.req.memory.write else 1 for act in acts], device=self.device)
+        seg_kwargs = {}
+        if self.write_granularity != "token":
+            zeros = torch.zeros(len(acts), 1, dtype=torch.long, device=self.device)
+            seg_kwargs = {"message_ids": zeros, "sentence_ids": zeros}
+        out = self.dm(torch.tensor([[act.to_feed] for act in acts], device=self.device), attention_mask=mask,
+                      state=torch.cat([act.state for act in acts]), write_start=write_start,
+                      past_key_values=DynamicCache(ddp_cache_data=layers), use_cache=True, **seg_kwargs)
+        self.batched_decode_steps += 1
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        for row, (act, n) in enumerate(zip(acts, lengths)):
+            act.state = out.state[row:row + 1]
+            keep = slice(longest - n, None)
+            act.cache = DynamicCache(ddp_cache_data=[(k[row:row + 1, :, keep], v[row:row + 1, :, keep]) for k, v in kv])
+        return list(out.logits[:, -1])
 
     def _forward(self, act: _Active, ids: list[int], write_start: int, write: bool,
                  segments: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> torch.Tensor:

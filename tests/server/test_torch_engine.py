@@ -164,3 +164,28 @@ def test_abort_and_stop(dm_tok):
 
     last = with_engine(dm_tok, go)
     assert last.finished and last.finish_reason == "abort" and last.final_state is None
+
+
+def test_decode_is_batched_across_requests_without_cross_talk(dm_tok):
+    """Requests of different lengths, one read-only, decode in batched forwards; each row equals its solo run."""
+    dm, _ = dm_tok
+    g = torch.Generator().manual_seed(11)
+    init = [torch.randn(dm.state_shape, generator=g) * 0.3 for _ in range(3)]
+    reqs = [GenerationRequest("w0", list(range(7, 19)), greedy(9, ignore_eos=True), MemorySpec(init[0])),
+            GenerationRequest("ro", list(range(40, 71)), greedy(9, ignore_eos=True), MemorySpec(init[1], write=False)),
+            GenerationRequest("w2", list(range(3, 8)), greedy(9, ignore_eos=True), MemorySpec(init[2], write_start=2))]
+
+    async def alone(engine):
+        return [(await collect(engine, r))[1] for r in reqs]
+
+    async def together(engine):
+        finals = await asyncio.gather(*(collect(engine, r) for r in reqs))
+        return [f for _, f in finals], engine.batched_decode_steps
+
+    solo = with_engine(dm_tok, alone)
+    finals, batched = with_engine(dm_tok, together)
+    assert batched >= 8, "decode steps of concurrent requests run as batches"
+    for a, b in zip(solo, finals):
+        assert a.written_token_ids == b.written_token_ids and a.pending_token_ids == b.pending_token_ids
+        torch.testing.assert_close(b.final_state, a.final_state, atol=1e-6, rtol=0)
+    assert torch.equal(finals[1].final_state, init[1]), "a read-only row in a batch never writes"
