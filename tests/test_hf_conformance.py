@@ -70,6 +70,9 @@ def test_s2_state_defaults_and_shape() -> None:
         assert torch.equal(a.logits, b.logits) and torch.equal(a.state, b.state)
         with pytest.raises(ValueError, match="state has shape"):
             dm(ids, state=dm.zero_state(3))
+        first = dm(ids, use_cache=True)
+        with pytest.raises(ValueError, match="cached tokens"):   # a mask must cover the cache too
+            dm(ids[:, :1], attention_mask=torch.ones(2, 1), past_key_values=first.past_key_values, use_cache=True)
 
 
 def test_s2_state_is_fp32_for_bf16_models() -> None:

@@ -266,6 +266,9 @@ class DeltaMemModel(nn.Module):
             valid = torch.ones(B, T, dtype=torch.bool, device=device)
         else:
             attention_mask = attention_mask.to(device)
+            if tuple(attention_mask.shape) != (B, past_len + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                 f"{(B, past_len + T)} (cached tokens + this call's tokens)")
             valid = attention_mask[:, -T:].bool()
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
