@@ -63,3 +63,15 @@ def test_masked_steps_leave_state_untouched() -> None:
 def test_dispatch_rejects_unknown_impl() -> None:
     with pytest.raises(ValueError, match="unknown scan impl"):
         scan(*inputs(1, 3, 2), impl="cuda")
+
+
+def test_single_token_fast_path_equals_reference() -> None:
+    args = inputs(6, 1, 8, seed=9)
+    valid = torch.tensor([[1], [1], [0], [1], [0], [1]], dtype=torch.bool)
+    writes = torch.tensor([[1], [0], [1], [1], [0], [0]], dtype=torch.bool)
+    every = torch.ones(6, 1, dtype=torch.bool)
+    for v, w in ((None, None), (valid, None), (None, writes), (valid, writes)):
+        got, want = scan(*args, v, w), scan_reference(*args, v, w)
+        assert (got[0] - want[0]).abs().max() <= 1e-6 and (got[1] - want[1]).abs().max() <= 1e-6
+        kept = ~((every if v is None else v) & (every if w is None else w))[:, 0]
+        assert torch.equal(got[0][kept], args[0][kept])            # non-writing rows: bit-identical
