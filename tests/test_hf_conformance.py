@@ -243,3 +243,14 @@ def test_update_modes_reach_the_state_as_documented() -> None:
     for mode, want in expected.items():
         got = update_coefficients(beta, lam, mode)
         assert torch.allclose(torch.cat(got), torch.tensor(want)), mode
+
+
+def test_logits_to_keep_returns_the_last_positions_only() -> None:
+    dm = make_dm("qwen3")
+    ids = rand_ids(2, 9, seed=13)
+    with torch.no_grad():
+        full = dm(ids)
+        last = dm(ids, logits_to_keep=1)
+    assert last.logits.shape == (2, 1, full.logits.shape[-1])
+    close(last.logits[:, 0], full.logits[:, -1], 1e-6)     # one-row vs many-row GEMM: rounding only
+    assert torch.equal(last.state, full.state)

@@ -104,7 +104,9 @@ class DeltaMemModel(nn.Module):
             self._attach(len(self.layers), attn, layer)
             self.layer_names.append(name)
             self.layers.append(layer)
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.supports_logits_to_keep = "logits_to_keep" in params
         self._fingerprint: str | None = None
         if adapter is not None:
             self.load_adapter_weights(adapter)
@@ -251,13 +253,15 @@ class DeltaMemModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, state: Tensor | None = None,
                 write_start: int | Tensor = 0, write: bool = True, past_key_values: Any = None,
                 use_cache: bool = False, position_ids: Tensor | None = None,
-                message_ids: Tensor | None = None, sentence_ids: Tensor | None = None) -> DeltaMemOutput:
+                message_ids: Tensor | None = None, sentence_ids: Tensor | None = None,
+                logits_to_keep: int = 0) -> DeltaMemOutput:
         """Run token ids [B,T] from an explicit initial state [B,L,h,R,R] (None = zeros).
 
         `attention_mask` follows the transformers convention ([B, past+T], 1 = real token; left or
         right padding). Of each row's real tokens in this call the first `write_start` are read-only;
         `write=False` makes the whole call read-only. `message_ids`/`sentence_ids` [B,T] drive the
-        segment granularities and are ignored in token mode.
+        segment granularities and are ignored in token mode. `logits_to_keep=n` returns logits for
+        the last n positions only (0 = all), sparing a prefill the full [T, vocab] projection.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -287,6 +291,10 @@ class DeltaMemModel(nn.Module):
                      segment_ids=self._segment_ids(message_ids, sentence_ids, (B, T)),
                      new_state=[None] * len(self.layers))
         kwargs = {self._cache_kwarg: past_key_values}
+        if logits_to_keep:
+            if not self.supports_logits_to_keep:
+                raise TypeError(f"{type(self.model).__name__} does not support logits_to_keep")
+            kwargs["logits_to_keep"] = logits_to_keep
         with self._lock:
             self._call = call
             try:

@@ -68,6 +68,8 @@ class TorchEngine:
         self.device = dm.device
         self.eos_token_ids = _eos_ids(dm.model, tokenizer)
         self.write_granularity = dm.config.memory_write_granularity
+        # only the last position's logits are sampled: skip the [T, vocab] projection of a prefill chunk
+        self._keep_last = 1 if dm.supports_logits_to_keep else 0
         # ids >= len(tokenizer) are padding rows of the embedding: never sample them
         self.valid_vocab = len(tokenizer)
         self._incoming: deque[_Active] = deque()
@@ -287,7 +289,8 @@ class TorchEngine:
             seg_kwargs = {"message_ids": zeros, "sentence_ids": zeros}
         out = self.dm(torch.tensor([[act.to_feed] for act in acts], device=self.device), attention_mask=mask,
                       state=torch.cat([act.state for act in acts]), write_start=write_start,
-                      past_key_values=DynamicCache(ddp_cache_data=layers), use_cache=True, **seg_kwargs)
+                      past_key_values=DynamicCache(ddp_cache_data=layers), use_cache=True,
+                      logits_to_keep=self._keep_last, **seg_kwargs)
         self.batched_decode_steps += 1
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         for row, (act, n) in enumerate(zip(acts, lengths)):
@@ -304,7 +307,7 @@ class TorchEngine:
             seg_kwargs = {name: torch.tensor([list(v)], dtype=torch.long, device=self.device)
                           for name, v in zip(("message_ids", "sentence_ids"), segments)}
         out = self.dm(input_ids, state=act.state, write_start=write_start, write=write,
-                      past_key_values=act.cache, use_cache=True, **seg_kwargs)
+                      past_key_values=act.cache, use_cache=True, logits_to_keep=self._keep_last, **seg_kwargs)
         act.state = out.state
         act.cache = out.past_key_values
         return out.logits[0, -1]
