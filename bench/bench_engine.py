@@ -50,15 +50,20 @@ class PlainModel:
         self.model, self.config = dm.model, dm.config
         self.layer_names, self.state_shape = dm.layer_names, dm.state_shape
         self.adapter_fingerprint, self.device = dm.adapter_fingerprint, dm.device
+        self.supports_logits_to_keep = dm.supports_logits_to_keep
         self._zero = dm.zero_state
         self._kw = dm._cache_kwarg
 
     def zero_state(self, batch: int | None = None) -> torch.Tensor:
         return self._zero(batch)
 
-    def __call__(self, input_ids, state=None, write_start=0, write=True, past_key_values=None, use_cache=False,
-                 **_: Any) -> _PlainOut:
-        out = self.model(input_ids=input_ids, use_cache=use_cache, **{self._kw: past_key_values})
+    def __call__(self, input_ids, attention_mask=None, state=None, past_key_values=None, use_cache=False,
+                 logits_to_keep=0, **_: Any) -> _PlainOut:
+        position_ids = None
+        if attention_mask is not None:   # batched decode: left-padded rows, positions from the mask
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **{self._kw: past_key_values})
         return _PlainOut(out.logits, state, getattr(out, self._kw, None))
 
 
