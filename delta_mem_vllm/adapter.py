@@ -44,9 +44,6 @@ class Adapter:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def layer_prefixes(self) -> list[str]:
-        return sorted({name.rsplit(".", 1)[0] for name in self.tensors})
-
 
 def load_adapter(path: str | Path) -> Adapter:
     """Load an adapter directory: the config plus safetensors weights if present, else the reference .pt."""
