@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_FILE, DeltaMemConfig
@@ -30,6 +33,12 @@ class Adapter:
     config: DeltaMemConfig
     tensors: dict[str, torch.Tensor]
     _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The attention modules the adapter covers, in layer order (the rows of a state)."""
+        names = {key.rsplit(".", 1)[0] for key in self.tensors}
+        return sorted(names, key=lambda n: ([int(d) for d in re.findall(r"\d+", n)], n))
 
     @property
     def fingerprint(self) -> str:
@@ -64,6 +73,32 @@ def load_adapter(path: str | Path) -> Adapter:
     else:
         raise AdapterError(f"{root}: no {SAFETENSORS_WEIGHTS_FILE} or {REFERENCE_WEIGHTS_FILE}")
     return Adapter(config, {k: v.detach().cpu() for k, v in tensors.items()})
+
+
+def assign_adapter(adapter: Adapter, layers: Mapping[str, nn.Module]) -> None:
+    """Copy an adapter into Δ-Mem layers keyed by attention module path (`model.layers.0.self_attn`).
+
+    Every parameter must be present with its exact shape and nothing may be left over; errors name
+    the tensors. Values are cast to each parameter's dtype.
+    """
+    expected = {f"{name}.{pname}": param for name, layer in layers.items()
+                for pname, param in layer.named_parameters(recurse=False)}
+    missing = sorted(set(expected) - set(adapter.tensors))
+    unexpected = sorted(set(adapter.tensors) - set(expected))
+    if missing or unexpected:
+        hint = ""
+        if missing and unexpected:
+            hint = " (module paths differ: adapter built for another backbone or layer layout?)"
+        raise AdapterError(f"adapter does not match the backbone{hint}: missing {missing[:4]}"
+                           f"{'…' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                           f"{'…' if len(unexpected) > 4 else ''}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            value = adapter.tensors[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterError(f"{key}: shape {tuple(value.shape)} does not match the backbone's "
+                                   f"{tuple(param.shape)} (config/backbone mismatch)")
+            param.copy_(value.to(param.dtype))
 
 
 def _load_reference_weights(path: Path) -> dict[str, torch.Tensor]:

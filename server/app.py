@@ -112,7 +112,7 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        eng = engine
+        eng = engine   # an injected engine belongs to the caller: started here, never stopped
         if eng is None:
             from server.engine import build_engine
 
@@ -141,7 +141,8 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-            await eng.stop()
+            if engine is None:
+                await eng.stop()
             try:
                 flushed = await asyncio.to_thread(store.flush)
                 log.info("shutdown: %d dirty state(s) persisted", flushed)

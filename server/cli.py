@@ -79,11 +79,6 @@ def serve(settings: Settings) -> int:
     from server.app import create_app
     from server.engine import EngineUnavailable, choose_engine
 
-    try:
-        choose_engine(settings.engine)
-    except EngineUnavailable as exc:
-        print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
-        return 2
     if settings.demo and not settings.model:
         from server.demo import build_demo_model
 
@@ -92,6 +87,11 @@ def serve(settings: Settings) -> int:
                                                "served_model_name": settings.served_model_name or "delta-mem-demo"})
     if not settings.model or not settings.adapter:
         print("delta-mem-vllm: error: --model and --adapter are required (or --demo)", file=sys.stderr)
+        return 2
+    try:
+        settings = settings.model_copy(update={"engine": choose_engine(settings)})
+    except EngineUnavailable as exc:
+        print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

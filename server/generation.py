@@ -88,7 +88,8 @@ class Turn:
         s = self.session
         return MemorySpec(initial_state=s.state if s else None, write_start=self.tokens.write_start,
                           write=self.write, cache_salt=s.cache_salt if s else None,
-                          message_ids=self.tokens.message_ids, sentence_ids=self.tokens.sentence_ids)
+                          message_ids=self.tokens.message_ids, sentence_ids=self.tokens.sentence_ids,
+                          return_state=s is not None)
 
     @property
     def text(self) -> str:

@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     demo: bool = Field(False, description="serve a tiny random model + adapter built offline (no download)")
     demo_dir: Path = Field(Path("./demo-model"), description="where --demo builds (and reuses) its model")
     served_model_name: str | None = Field(None, description="model id reported by /v1/models (default: model dir name)")
-    engine: Literal["torch", "vllm", "auto"] = Field("auto", description="inference engine")
+    engine: Literal["torch", "vllm", "auto"] = Field("auto", description="inference engine (auto: vLLM when installed and "
+                                                   "it can serve the model and adapter, else the embedded engine)")
     device: str = Field("auto", description="torch engine device: auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: fp32 on CPU, bf16 on GPU)")
     attn_implementation: str = Field("sdpa", description="transformers attention implementation")
@@ -29,6 +30,17 @@ class Settings(BaseSettings):
     default_max_tokens: int | None = Field(None, ge=1, description="completion limit when a request gives none (default: rest of the context)")
     prefill_chunk: int = Field(256, ge=1, description="torch engine: tokens per prefill step (bounds the latency others see)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+    # --- vLLM engine (same meaning as the `vllm serve` flags of the same name) -----------------------
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs to shard the model over")
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM: requests batched together at most")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="vLLM: tokens per engine step (chunked prefill)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM: fraction of GPU memory to use")
+    kv_cache_memory_bytes: int | None = Field(None, ge=1, description="vLLM: KV cache size in bytes (overrides the above)")
+    enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs (faster start)")
+    enable_prefix_caching: bool = Field(False, description="vLLM prefix caching; refused: cached KV would be shared "
+                                                           "across different memory states")
+    seed: int = Field(0, description="vLLM: engine random seed")
 
     # --- sessions ---------------------------------------------------------------------------------
     auto_create_sessions: bool = Field(True, description="create unknown session ids on first use (off: 404)")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..adapter import Adapter, AdapterError, load_adapter
+from ..adapter import Adapter, AdapterError, assign_adapter, load_adapter
 from ..config import DELTA_HEADS, DeltaMemConfig
 from ..ops.memory import DeltaMemLayer
 
@@ -129,24 +129,7 @@ class DeltaMemModel(nn.Module):
         """Copy adapter tensors in; every parameter must be present with the exact shape."""
         if adapter.config != self.config:
             raise AdapterError("adapter config differs from the config this model was built with")
-        expected = {f"{n}.{p}": (layer, p) for n, layer in zip(self.layer_names, self.layers)
-                    for p in layer.param_names()}
-        missing = sorted(set(expected) - set(adapter.tensors))
-        unexpected = sorted(set(adapter.tensors) - set(expected))
-        if missing or unexpected:
-            hint = ""
-            if missing and unexpected:
-                hint = " (module paths differ: adapter built for another backbone or layer layout?)"
-            raise AdapterError(f"adapter does not match the backbone{hint}: missing {missing[:4]}"
-                               f"{'…' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                               f"{'…' if len(unexpected) > 4 else ''}")
-        with torch.no_grad():
-            for key, (layer, pname) in expected.items():
-                param, value = getattr(layer, pname), adapter.tensors[key]
-                if tuple(value.shape) != tuple(param.shape):
-                    raise AdapterError(f"{key}: shape {tuple(value.shape)} does not match the backbone's "
-                                       f"{tuple(param.shape)} (config/backbone mismatch)")
-                param.copy_(value.to(param.dtype))
+        assign_adapter(adapter, dict(zip(self.layer_names, self.layers)))
         self._fingerprint = adapter.fingerprint
 
     def adapter(self) -> Adapter:

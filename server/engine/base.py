@@ -40,12 +40,15 @@ class MemorySpec:
                 (the initial state changes every layer's K/V after the first).
     message_ids / sentence_ids: per prompt token, for segment-write adapters (−1 = in no segment);
                 required when the engine's write_granularity is not "token".
+    return_state: whether the caller needs `final_state` and the written/pending split (a session
+                turn does; a stateless request does not, which spares the vLLM engine fetching it).
     """
 
     initial_state: torch.Tensor | None = None
     write_start: int = 0
     write: bool = True
     cache_salt: str | None = None
+    return_state: bool = True
     message_ids: tuple[int, ...] | None = None
     sentence_ids: tuple[int, ...] | None = None
 

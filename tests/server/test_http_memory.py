@@ -13,7 +13,9 @@ from delta_mem_vllm.state import Snapshot, export_document, import_document
 from delta_mem_vllm.testing.tiny import build_tokenizer
 from server.session_record import EMPTY_DIGEST, extend_digest
 from tests.server.conftest import (
+    ENGINES,
     ThreadServer,
+    app_kwargs_for,
     assert_openai_error,
     chat,
     export_state,
@@ -26,11 +28,12 @@ TURNS = ["My name is Ada.", "I like green tea.", "What is my name?"]
 A_ID = str(build_tokenizer().convert_tokens_to_ids("a"))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_paths, tmp_path_factory):
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, tiny_paths, tmp_path_factory):
     # small pools: states are evicted to the host and to disk and restored during these tests
-    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), device_pool_size=2, host_pool_size=2)
-    srv = ThreadServer(settings).start()
+    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), engine=request.param, device_pool_size=2,
+                             host_pool_size=2)
+    srv = ThreadServer(settings, **app_kwargs_for(request, request.param)).start()
     yield srv
     srv.stop()
 

@@ -7,14 +7,15 @@ import openai
 import pytest
 
 from delta_mem_vllm.testing.tiny import build_tokenizer
-from tests.server.conftest import ThreadServer, make_settings
+from tests.server.conftest import ENGINES, ThreadServer, app_kwargs_for, make_settings
 
 A_ID = str(build_tokenizer().convert_tokens_to_ids("a"))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_paths, tmp_path_factory):
-    srv = ThreadServer(make_settings(tiny_paths, tmp_path_factory.mktemp("state"))).start()
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, tiny_paths, tmp_path_factory):
+    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), engine=request.param)
+    srv = ThreadServer(settings, **app_kwargs_for(request, request.param)).start()
     yield srv
     srv.stop()
 

