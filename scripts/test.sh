@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything into ./.venv (CPU-only torch) and run the whole test suite.
+# Install everything into ./.venv (CPU-only torch, vLLM for CPUs) and run the whole test suite.
 # Usage: scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,11 +13,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
+scripts/install.sh test
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
-# Pin the CPU build first: an unpinned torch would pull a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
-
 python -m pytest "$@"

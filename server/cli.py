@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("directory", type=Path)
     demo.add_argument("--arch", default="qwen3")
     demo.add_argument("--seed", type=int, default=0)
+    flags = sub.add_parser("vllm-flags", help="print the command that serves a model with its Δ-Mem adapter on "
+                                              "plain `vllm serve` (stateless: every request starts from a zero state)")
+    flags.add_argument("--model", required=True)
+    flags.add_argument("--adapter", required=True)
     return parser
 
 
@@ -101,9 +105,27 @@ def serve(settings: Settings) -> int:
     return 0 if server.started else 1
 
 
+def print_vllm_flags(model: str, adapter: str) -> int:
+    import shlex
+
+    from delta_mem_vllm.vllm.launch import LaunchError, serve_flags
+
+    from transformers import AutoTokenizer
+
+    try:
+        flags = serve_flags(model, adapter, valid_vocab=len(AutoTokenizer.from_pretrained(model)))
+    except (LaunchError, OSError) as exc:
+        print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
+        return 2
+    print(shlex.join([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "vllm-flags":
+        return print_vllm_flags(args.model, args.adapter)
     if args.command == "demo-model":
         from server.demo import build_demo_model
 

@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from vllm.model_executor.models.utils import extract_layer_index
 
 from .compat import mark_sync_loads, slot_views
+from .lifetime import exit_with_parent
 from .protocol import STATE_LAYER_SUFFIX, SavedState, SlotInit, SlotSave, TurnParams, TurnParamsError
 
 log = logging.getLogger("deltamem.vllm.connector")
@@ -76,6 +77,7 @@ def deltamem_group_ids(kv_cache_config: Any) -> list[int]:
 class DeltaMemConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        exit_with_parent()
         self._groups = deltamem_group_ids(kv_cache_config)
         if kv_cache_config is not None and not self._groups:
             raise ValueError("DeltaMemConnector: the model has no Δ-Mem state layers (is it a Δ-Mem model class?)")
@@ -111,8 +113,8 @@ class DeltaMemConnector(KVConnectorBase_V1, SupportsHMA):
     def request_finished_all_groups(self, request: Any,
                                     block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
         params = self._params(request)
-        if params.save_key is None:
-            return False, None
+        if params.save_key is None:   # still say how many tokens the request's state took in
+            return False, {"deltamem_num_tokens": min(request.num_computed_tokens, request.num_tokens)}
         slots = tuple(block_ids[g][0] for g in self._groups) if all(block_ids[g] for g in self._groups) else None
         covered = min(request.num_computed_tokens, request.num_tokens) if slots is not None else 0
         outputs = tuple(request.output_token_ids[:max(0, covered - request.num_prompt_tokens)])

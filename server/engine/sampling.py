@@ -43,8 +43,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass before it already reaches top_p (the top one always stays)
+        # drop a token when the mass before it already reaches top_p; the top one always stays, even
+        # when a denormal top_p compares as 0 (vLLM turns on flush-to-zero in the processes it loads in)
         drop = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
+        drop[0] = False
         sorted_logits[drop] = float("-inf")
         logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

@@ -12,6 +12,7 @@ the state covers, never from a guess about vLLM's scheduling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from typing import Any, AsyncIterator
 import torch
 
 from server.engine.base import EngineError, GenerationOutput, GenerationRequest, SamplingParams
+from server.engine.detok import IncrementalDetokenizer
 from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids
 
 log = logging.getLogger("deltamem.engine")
@@ -106,9 +108,10 @@ class VllmEngine:
         self.model_fingerprint = model_fingerprint
         self.eos_token_ids = eos_token_ids
         self.device = torch.device("cpu")   # states live with the server; each request carries its own
-        self.states = StateCollector(llm.collective_rpc)
+        self.states = StateCollector(self._rpc)
         self._active: set[str] = set()
         self._stopping = False
+        self.stop_replays = 0   # stop-string turns whose state was recomputed (vLLM had run past the stop)
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -155,11 +158,19 @@ class VllmEngine:
         if handler is not None:   # stop listening first: a dying engine is not an error here
             handler.cancel()
         await asyncio.to_thread(llm.shutdown)
+        # AsyncLLM.__del__ shuts down again; at interpreter exit that fails noisily on torn-down globals
+        llm.shutdown = lambda *args, **kwargs: None
 
     def health(self) -> dict[str, Any]:
         alive = self.llm is not None and not self.llm.errored
         return {"engine": "vllm", "worker_alive": alive, "active_requests": len(self._active),
-                "state_rpcs": self.states.rpcs}
+                "state_rpcs": self.states.rpcs, "stop_replays": self.stop_replays}
+
+    async def _rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        """collective_rpc to the workers (through `self.llm`, so nothing else keeps vLLM alive)."""
+        if self.llm is None:
+            raise EngineError("the vLLM engine is stopped")
+        return await self.llm.collective_rpc(method, args=args)
 
     # --- states ---------------------------------------------------------------------------------
     def zero_state(self) -> torch.Tensor:
@@ -177,9 +188,9 @@ class VllmEngine:
 
     # --- generation -----------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        from delta_mem_vllm.vllm.protocol import SavedState, TurnParams, turn_token_split
+        from delta_mem_vllm.vllm.protocol import TurnParams
 
-        if self._stopping:
+        if self._stopping or self.llm is None:
             raise EngineError("engine is not running")
         prompt, memory = list(request.prompt_token_ids), request.memory
         if not prompt:
@@ -190,48 +201,111 @@ class VllmEngine:
         if initial is not None and tuple(initial.shape) != self.state_shape:
             raise EngineError(f"initial state has shape {tuple(initial.shape)}, the engine expects {self.state_shape}")
         want_state = memory.write and memory.return_state
-        key = f"{request.request_id}-{uuid.uuid4().hex[:8]}"   # vLLM request ids must be unique
+        key = _request_key(request.request_id)
         params = TurnParams.build(write_start=memory.write_start, write=memory.write, state=initial,
                                   save_key=key if want_state else None)
         sampling = self._sampling(request.sampling, len(prompt), params.to_kv_transfer_params())
+        # the embedded engine's detokenizer and stop strings: both engines return the same text
+        detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
         generated: list[int] = []
-        finished = False
+        reason = None
+        reported: dict[str, Any] | None = None
+        fetching = False   # the saved state is being fetched (else it is dropped on the way out)
         self._active.add(key)
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt}, sampling, key):
-                completion = out.outputs[0]
-                generated.extend(completion.token_ids)
-                if not out.finished:
-                    yield GenerationOutput(request.request_id, list(completion.token_ids), completion.text,
-                                           completion_tokens=len(generated))
-                    continue
-                finished = True
-                reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
-                final = GenerationOutput(request.request_id, list(completion.token_ids), completion.text,
-                                         finished=True, finish_reason=reason, prompt_tokens=len(prompt),
-                                         completion_tokens=len(generated))
-                if reason == "abort":
-                    final.error = "generation was aborted"
-                    if want_state:
-                        self.states.discard(key)
-                elif want_state:
-                    saved = await self.states.take(key)
-                    covered = saved["output_token_ids"]
-                    outputs = covered if len(covered) > len(generated) else generated
-                    state = SavedState.state_from_wire(saved)
-                    final.final_state = state if state is not None else (
-                        initial if initial is not None else self.zero_state())
-                    final.written_token_ids, final.pending_token_ids = turn_token_split(
-                        prompt, list(outputs), memory.write_start, saved["num_tokens"])
-                elif not memory.write:   # read-only: the state is the one it started from
-                    final.final_state = initial if initial is not None else self.zero_state()
-                    final.written_token_ids, final.pending_token_ids = [], generated[-1:]
-                yield final
-                return
+            async with contextlib.aclosing(self.llm.generate({"prompt_token_ids": prompt}, sampling, key)) as stream:
+                async for out in stream:
+                    completion = out.outputs[0]
+                    new_ids, text = [], ""
+                    for token in completion.token_ids:
+                        new_ids.append(token)
+                        text += detok.add(token)
+                        if detok.stopped:   # a stop string: later tokens were never shown, drop them
+                            reason = "stop"
+                            break
+                    generated += new_ids
+                    if reason is None and out.finished:
+                        reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
+                        reported = out.kv_transfer_params
+                    if reason is None:
+                        yield GenerationOutput(request.request_id, new_ids, text, completion_tokens=len(generated))
+                        continue
+                    final_ids, final_text = new_ids, text + detok.flush()
+                    break
+            # leaving the block aborted the request in vLLM if it was still running (a stop string)
+            if reason is None:
+                raise EngineError("vLLM ended the request without finishing it")
+            final = GenerationOutput(request.request_id, final_ids, final_text, finished=True, finish_reason=reason,
+                                     prompt_tokens=len(prompt), completion_tokens=len(generated))
+            if reason == "abort":
+                final.error = "generation was aborted"
+            elif want_state:
+                fetching = True
+                await self._settle(final, key, prompt, generated, memory, stopped_early=detok.stopped)
+            elif not memory.write:   # read-only: the state is the one it started from
+                final.final_state = initial if initial is not None else self.zero_state()
+                final.written_token_ids, final.pending_token_ids = [], generated[-1:]
+            else:
+                self._account_stateless(final, prompt, generated, memory.write_start, reported)
+            yield final
         finally:
             self._active.discard(key)
-            if not finished and want_state:   # closed early (disconnect): nobody reads its state
+            if want_state and not fetching:   # aborted, or closed early (a disconnect): nobody reads it
                 self.states.discard(key)
+
+    async def _settle(self, final: GenerationOutput, key: str, prompt: list[int], generated: list[int],
+                      memory: Any, *, stopped_early: bool) -> None:
+        """The final state and the written/pending split, from the state the workers saved.
+
+        On a stop string vLLM runs ahead of the detokenizer until the abort lands, so the saved state
+        may cover tokens after the stop. Those were never shown: the state is then recomputed over
+        exactly the shown tokens but the last, as the embedded engine would have it.
+        """
+        from delta_mem_vllm.vllm.protocol import SavedState, turn_token_split
+
+        saved = await self.states.take(key)
+        covered, state = saved["num_tokens"], SavedState.state_from_wire(saved)
+        exact = len(prompt) + len(generated) - 1
+        if stopped_early and covered > exact:
+            self.stop_replays += 1
+            state, covered = await self._replay(prompt + generated[:-1], memory.initial_state, memory.write_start)
+        if state is None:
+            state = memory.initial_state if memory.initial_state is not None else self.zero_state()
+        final.final_state = state
+        final.written_token_ids, final.pending_token_ids = turn_token_split(prompt, generated, memory.write_start,
+                                                                            covered)
+
+    async def _replay(self, tokens: list[int], initial: torch.Tensor | None,
+                      write_start: int) -> tuple[torch.Tensor | None, int]:
+        """The state after writing `tokens` (read-only before write_start) from `initial`: a prefill."""
+        from delta_mem_vllm.vllm.protocol import SavedState, TurnParams
+
+        key = _request_key("replay")
+        params = TurnParams.build(write_start=write_start, state=initial, save_key=key)
+        sampling = self._sampling(SamplingParams(max_tokens=1, temperature=0.0), len(tokens),
+                                  params.to_kv_transfer_params())
+        self._active.add(key)
+        try:
+            async with contextlib.aclosing(self.llm.generate({"prompt_token_ids": tokens}, sampling, key)) as stream:
+                async for _ in stream:
+                    pass
+        finally:
+            self._active.discard(key)
+        saved = await self.states.take(key)
+        if saved["num_tokens"] != len(tokens):
+            raise EngineError(f"replaying the turn covered {saved['num_tokens']} of {len(tokens)} tokens")
+        return SavedState.state_from_wire(saved), len(tokens)
+
+    @staticmethod
+    def _account_stateless(final: GenerationOutput, prompt: list[int], generated: list[int], write_start: int,
+                           reported: dict[str, Any] | None) -> None:
+        """Written/pending of a request nobody keeps the state of, when vLLM reported the count."""
+        from delta_mem_vllm.vllm.protocol import turn_token_split
+
+        covered = (reported or {}).get("deltamem_num_tokens")
+        if isinstance(covered, int) and 0 <= covered <= len(prompt) + len(generated):
+            final.written_token_ids, final.pending_token_ids = turn_token_split(prompt, generated, write_start,
+                                                                                covered)
 
     def _sampling(self, sp: SamplingParams, prompt_len: int, kv_transfer_params: dict[str, Any]) -> Any:
         from vllm import SamplingParams as VllmSampling
@@ -239,10 +313,15 @@ class VllmEngine:
 
         return VllmSampling(
             n=1, max_tokens=max(1, min(sp.max_tokens, self.max_model_len - prompt_len)),
-            temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed, stop=list(sp.stop) or None,
+            temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
             stop_token_ids=list(sp.stop_token_ids) or None, ignore_eos=sp.ignore_eos,
-            logit_bias=dict(sp.logit_bias) or None, output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True, extra_args={"kv_transfer_params": kv_transfer_params})
+            logit_bias=dict(sp.logit_bias) or None, output_kind=RequestOutputKind.DELTA, detokenize=False,
+            extra_args={"kv_transfer_params": kv_transfer_params})
+
+
+def _request_key(request_id: str) -> str:
+    """A vLLM request id (they must be unique) that also keys the request's saved state."""
+    return f"{request_id}-{uuid.uuid4().hex[:8]}"
 
 
 def vllm_engine_settings(settings: Any) -> dict[str, Any]:

@@ -78,3 +78,14 @@ def test_seeded_sampling_is_reproducible_and_top_p_restricts():
     tight = SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-6, seed=1)
     g = make_generator(tight, torch.device("cpu"))
     assert {sample_next(logits, tight, g) for _ in range(20)} == {int(logits.argmax())}
+
+
+def test_top_p_keeps_the_top_token_under_flush_to_zero():
+    """A denormal top_p reads as 0 once flush-to-zero is on (vLLM turns it on): the top token stays."""
+    logits = torch.tensor([3.0, 1.0, 0.5])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=5e-324)
+    previous = torch.set_flush_denormal(True)
+    try:
+        assert sample_next(logits, params, make_generator(params, torch.device("cpu"))) == 0
+    finally:
+        torch.set_flush_denormal(previous)

@@ -217,3 +217,23 @@ def test_completions_with_a_session(http):
     s = http.get("/v1/sessions/cmpl").json()
     assert s["written_token_ids"] == first["prompt_token_ids"] + first["choices"][0]["token_ids"][:-1] + \
         second["prompt_token_ids"] + second["choices"][0]["token_ids"][:-1]
+
+
+@torch.inference_mode()
+def test_stop_string_turn_writes_exactly_what_was_shown(server, http, dm_tok):
+    """A turn ended by a stop string writes its prompt and the shown tokens but the last, on both
+    engines (vLLM runs past the stop until the abort lands: its state is then recomputed)."""
+    dm, _ = dm_tok
+    sid, state = "stopper", torch.zeros(dm.state_shape)
+    replays = server.ctx.engine.health().get("stop_replays", 0)
+    for turn in range(3):
+        r = chat(http, [{"role": "user", "content": f"turn {turn}"}], sid, max_tokens=200, ignore_eos=True,
+                 stop=["aaa"], logit_bias={A_ID: 100})
+        gen = r["choices"][0]["token_ids"]
+        assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["message"]["content"] == ""
+        assert len(gen) == 3 and r["delta_mem"]["written_tokens"] == len(r["prompt_token_ids"]) + 2
+        state = dm(torch.tensor([r["prompt_token_ids"] + gen[:-1]]), state=state[None]).state[0]
+    torch.testing.assert_close(export_state(http, sid), state, atol=1e-5, rtol=0)
+    assert http.get(f"/v1/sessions/{sid}").json()["pending_tokens"] == 1
+    if server.settings.engine == "vllm":
+        assert server.ctx.engine.health()["stop_replays"] > replays

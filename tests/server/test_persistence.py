@@ -7,19 +7,30 @@ import json
 import signal
 
 import httpx
+import pytest
 import torch
 
 from delta_mem_vllm.state import FilesystemBackend, Snapshot, storage_key
-from tests.server.conftest import ProcServer, assert_openai_error, chat, export_state
+from tests.server.conftest import ENGINES, VLLM_TEST_SETTINGS, ProcServer, assert_openai_error, chat, export_state
 
 TURNS = [[{"role": "user", "content": t}] for t in ("I am Ada.", "I like tea.", "Who am I?")]
 
 
-def test_restart_kill9_and_corrupted_states(tiny_paths, tmp_path, proc_servers):
+def engine_flags(engine: str) -> list[str]:
+    flags = ["--engine", engine]
+    if engine == "vllm":
+        for name, value in VLLM_TEST_SETTINGS.items():
+            flag = f"--{name.replace('_', '-')}"
+            flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restart_kill9_and_corrupted_states(engine, tiny_paths, tmp_path, proc_servers):
     model_dir, _ = tiny_paths
     state_dir = tmp_path / "state"
     args = ["--demo", "--demo-dir", str(model_dir.parent), "--state-dir", str(state_dir),
-            "--served-model-name", "tiny", "--shutdown-grace", "5"]
+            "--served-model-name", "tiny", "--shutdown-grace", "5", *engine_flags(engine)]
 
     def start(n: int) -> ProcServer:
         srv = ProcServer(args, tmp_path / f"server-{n}.log")
@@ -93,7 +104,7 @@ def test_restart_kill9_and_corrupted_states(tiny_paths, tmp_path, proc_servers):
         assert {"A", "B", "C", "E"} <= ids and "F" not in ids
 
         # SIGTERM during a streamed turn: the turn finishes within the grace period and is committed
-        body = {**body, "session_id": "G", "max_tokens": 300}
+        body = {**body, "session_id": "G", "max_tokens": 60}
         with httpx.Client(base_url=srv.url, timeout=60) as streamer:
             with streamer.stream("POST", "/v1/chat/completions", json=body) as r:
                 it = r.iter_lines()
