@@ -117,7 +117,9 @@ def print_vllm_flags(model: str, adapter: str) -> int:
     except (LaunchError, OSError) as exc:
         print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
         return 2
-    print(shlex.join([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags]))
+    # VLLM_USE_V2_MODEL_RUNNER=0: the runner the plugin is verified on (0.32 picks V2 for hybrids on a GPU)
+    print(shlex.join(["env", "VLLM_USE_V2_MODEL_RUNNER=0", sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                      *flags]))
     return 0
 
 

@@ -252,5 +252,5 @@ def test_logits_to_keep_returns_the_last_positions_only() -> None:
         full = dm(ids)
         last = dm(ids, logits_to_keep=1)
     assert last.logits.shape == (2, 1, full.logits.shape[-1])
-    close(last.logits[:, 0], full.logits[:, -1], 1e-6)     # one-row vs many-row GEMM: rounding only
+    close(last.logits[:, 0], full.logits[:, -1], 1e-5)     # one-row vs many-row GEMM: rounding only
     assert torch.equal(last.state, full.state)

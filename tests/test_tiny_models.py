@@ -160,9 +160,10 @@ def test_chat_template_prefix_stable(tok):
 def test_config_shape(arch, tok):
     cfg = tiny_config(arch)
     assert cfg.model_type == arch
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (64, 128, 2)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (128, 256, 2)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
-    assert getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads) == 16
+    # 32: the smallest head size vLLM's CPU attention serves; hidden = heads × head_dim (vLLM's Qwen2)
+    assert getattr(cfg, "head_dim", None) == cfg.hidden_size // cfg.num_attention_heads == 32
     assert cfg.vocab_size >= len(tok)
     assert cfg.max_position_embeddings == 4096
     assert cfg.tie_word_embeddings is False
@@ -254,8 +255,8 @@ def test_qwen2_has_qkv_bias():
 
 def test_qwen3_has_qk_norm():
     attn = build_tiny_model("qwen3").model.layers[0].self_attn
-    assert attn.q_norm.weight.shape == (16,)
-    assert not torch.allclose(attn.q_norm.weight, torch.ones(16))  # perturbed, so loading is tested
+    assert attn.q_norm.weight.shape == (32,)
+    assert not torch.allclose(attn.q_norm.weight, torch.ones(32))  # perturbed, so loading is tested
 
 
 # ----------------------------------------------------------------------------- checkpoints

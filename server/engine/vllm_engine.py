@@ -213,7 +213,7 @@ class VllmEngine:
         fetching = False   # the saved state is being fetched (else it is dropped on the way out)
         self._active.add(key)
         try:
-            async with contextlib.aclosing(self.llm.generate({"prompt_token_ids": prompt}, sampling, key)) as stream:
+            async with contextlib.aclosing(self._vllm_generate(prompt, sampling, key)) as stream:
                 async for out in stream:
                     completion = out.outputs[0]
                     new_ids, text = [], ""
@@ -253,6 +253,16 @@ class VllmEngine:
             if want_state and not fetching:   # aborted, or closed early (a disconnect): nobody reads it
                 self.states.discard(key)
 
+    async def _vllm_generate(self, prompt: list[int], sampling: Any, key: str) -> AsyncIterator[Any]:
+        """vLLM's stream for one request; a dead or failing engine becomes an EngineError."""
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": prompt}, sampling, key):
+                yield out
+        except (EngineDeadError, EngineGenerateError) as exc:
+            raise EngineError(f"the vLLM engine failed: {exc}") from exc
+
     async def _settle(self, final: GenerationOutput, key: str, prompt: list[int], generated: list[int],
                       memory: Any, *, stopped_early: bool) -> None:
         """The final state and the written/pending split, from the state the workers saved.
@@ -286,7 +296,7 @@ class VllmEngine:
                                   params.to_kv_transfer_params())
         self._active.add(key)
         try:
-            async with contextlib.aclosing(self.llm.generate({"prompt_token_ids": tokens}, sampling, key)) as stream:
+            async with contextlib.aclosing(self._vllm_generate(tokens, sampling, key)) as stream:
                 async for _ in stream:
                     pass
         finally:
@@ -352,6 +362,9 @@ def _start_async_llm(engine: dict[str, Any]) -> Any:
         # vLLM on a CPU reserves a core for the front end by default; on a small machine that halves
         # the engine's speed for little gain, so let the worker use them all unless told otherwise.
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    else:
+        # the runner the plugin is verified on (vLLM 0.32 would pick its V2 runner for hybrid models)
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     if engine.get("tensor_parallel_size", 1) == 1:
         engine.setdefault("distributed_executor_backend", "uni")   # the worker inside the engine process
     log.info("starting the vLLM %s engine for %s", vllm.__version__, engine["model"])

@@ -84,8 +84,9 @@ def test_top_p_keeps_the_top_token_under_flush_to_zero():
     """A denormal top_p reads as 0 once flush-to-zero is on (vLLM turns it on): the top token stays."""
     logits = torch.tensor([3.0, 1.0, 0.5])
     params = SamplingParams(max_tokens=1, temperature=1.0, top_p=5e-324)
-    previous = torch.set_flush_denormal(True)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
     try:
         assert sample_next(logits, params, make_generator(params, torch.device("cpu"))) == 0
     finally:
-        torch.set_flush_denormal(previous)
+        torch.set_flush_denormal(False)   # (it returns whether the mode is supported, not the old mode)

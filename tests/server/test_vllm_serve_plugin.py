@@ -26,7 +26,8 @@ def vllm_serve(tiny_paths, tmp_path_factory):
     printed = subprocess.run([sys.executable, "-m", "server.cli", "vllm-flags", "--model", str(model), "--adapter",
                               str(adapter)], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
     command = shlex.split(printed.stdout.strip())
-    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--no-enable-prefix-caching" in command
+    assert command[:2] == ["env", "VLLM_USE_V2_MODEL_RUNNER=0"] and "--no-enable-prefix-caching" in command
+    assert command[3:5] == ["-m", "vllm.entrypoints.openai.api_server"]
     port = free_port()
     extra = ["--port", str(port), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
              "--enforce-eager", "--kv-cache-memory-bytes", str(VLLM_TEST_SETTINGS["kv_cache_memory_bytes"])]
