@@ -232,6 +232,16 @@ def test_torch_path_bf16_equal_lengths_and_out():
     torch.testing.assert_close(out, reads_ref, **TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_decode_step(dtype):
+    """One token per sequence (vLLM's decode steps take the fast path): slots out of order, read-only
+    rows (write_start ≥ 1) and zero_init mixed, untouched slots bit-identical."""
+    case = make_case([1] * 6, h=3, R=8, P=11, dtype=dtype, write_start=[0, 1, 0, 5, 0, 0],
+                     zero_init=[False, False, True, False, False, True], seed=21)
+    assert_matches_reference(case, vl.varlen_scan_torch)
+    assert_matches_reference(case, vl.varlen_scan, impl="torch", max_len=1)   # told it is a decode step
+
+
 def test_torch_path_cuda_graph_padding_rows():
     case = make_case([1, 1, 0, 0, 0], h=2, R=8, slots=[4, 2, 0, 0, 0], seed=14)
     assert_matches_reference(case, vl.varlen_scan_torch)

@@ -75,6 +75,9 @@ def varlen_scan_torch(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, wri
     dev = q.device
     cu = cu_seqlens.to(device="cpu", dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
+    if lengths.numel() and bool((lengths == 1).all()):
+        _decode_step(state_pool, slots, write_start, q, k, v, keep, erase, write, zero_init, reads)
+        return reads
     slots_d = slots.to(device=state_pool.device, dtype=torch.int64)
     ws_d = write_start.to(device=dev, dtype=torch.int64)
     zi_d = None if zero_init is None else zero_init.to(device=state_pool.device, dtype=torch.bool)
@@ -98,19 +101,44 @@ def varlen_scan_torch(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, wri
     return reads
 
 
+def _decode_step(state_pool: Tensor, slots: Tensor, write_start: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                 keep: Tensor, erase: Tensor, write: Tensor, zero_init: Tensor | None, reads: Tensor) -> None:
+    """One token per sequence (a decode step): token b belongs to sequence b; no grouping, no loops."""
+    B, h, R = q.shape
+    idx = slots if slots.dtype == torch.int64 else slots.long()
+    state0 = state_pool[idx]                                                   # [B,h,R,R] (a copy)
+    if zero_init is not None:
+        state0 = torch.where(zero_init.to(state0.device, torch.bool)[:, None, None, None], 0.0, state0)
+    writes = (write_start.to(q.device) <= 0)[:, None].expand(B, h).reshape(B * h, 1)
+    flat = lambda x: x.reshape(B * h, 1, R)  # noqa: E731
+    final, rd = scan(state0.view(B * h, R, R), flat(q), flat(k), flat(v), flat(keep), flat(erase), flat(write),
+                     valid=None, writes=writes)
+    state_pool[idx] = final.view(B, h, R, R).to(state_pool.dtype)
+    reads[:B] = rd.view(B, h, R).to(reads.dtype)
+
+
 def varlen_scan(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, write_start: Tensor,
                 q: Tensor, k: Tensor, v: Tensor, keep: Tensor, erase: Tensor, write: Tensor,
                 zero_init: Tensor | None = None, *, out: Tensor | None = None,
-                impl: str | None = None) -> Tensor:
-    """Run the packed scan with the chosen implementation (module docstring: contract and dispatch)."""
+                impl: str | None = None, max_len: int | None = None) -> Tensor:
+    """Run the packed scan with the chosen implementation (module docstring: contract and dispatch).
+
+    `max_len`, the longest sequence when the caller knows it without a device sync (vLLM's
+    max_query_len), lets the torch path take its one-token decode step directly.
+    """
     choice = (impl if impl is not None else os.environ.get(SCAN_IMPL_ENV, "auto")).strip().lower() or "auto"
     if choice not in _IMPLS:
         raise ValueError(f"unknown scan implementation {choice!r}; expected one of {_IMPLS}")
     args = (state_pool, slots, cu_seqlens, write_start, q, k, v, keep, erase, write, zero_init)
-    if choice != "torch":
+    # on a CPU without the interpreter the answer is always no: skip the checks in the hot path
+    if choice != "torch" and (state_pool.device.type != "cpu" or choice == "triton" or triton_interpret_enabled()):
         ok, reason = triton_scan_support(*args, out)
         if ok:
             return varlen_scan_triton(*args, out=out)
         if choice == "triton":
             raise RuntimeError(f"Triton scan requested but unavailable: {reason}")
+    if max_len == 1 and q.shape[0] == slots.shape[0]:
+        reads = _alloc_reads(q, out)
+        _decode_step(state_pool, slots, write_start, q, k, v, keep, erase, write, zero_init, reads)
+        return reads
     return varlen_scan_torch(*args, out=out)

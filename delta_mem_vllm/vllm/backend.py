@@ -24,8 +24,9 @@ class DeltaMemMetadata:
     num_reqs: int
     num_actual_tokens: int
     query_start_loc: torch.Tensor        # [num_reqs + 1]
+    max_query_len: int                   # 1 in a pure decode step
     seq_lens: torch.Tensor               # [num_reqs], tokens computed once this step is done
-    slots: torch.Tensor                  # [num_reqs] state slot of each request
+    slots: torch.Tensor                  # [num_reqs] state slot of each request (int64)
     slots_initialised: bool              # a connector fills every new slot (state + write start)
     # filled by the first Δ-Mem layer of the step, shared by the others (same object for all layers)
     write_start: torch.Tensor | None = None
@@ -40,7 +41,7 @@ class DeltaMemMetadata:
             qsl = self.query_start_loc[:n + 1]
             context = self.seq_lens[:n] - (qsl[1:] - qsl[:-1])
             if self.slots_initialised:
-                absolute = write_start_pool[self.slots.long(), 0]
+                absolute = write_start_pool[self.slots, 0]
                 self.write_start = (absolute - context).clamp_min(0)
             else:
                 self.write_start = torch.zeros_like(context)
@@ -71,7 +72,7 @@ class DeltaMemMetadataBuilder(AttentionMetadataBuilder[DeltaMemMetadata]):
         if vllm_config.speculative_config is not None:
             raise ValueError("Δ-Mem models do not support speculative decoding")
         self.slots_initialised = _has_deltamem_connector(vllm_config)
-        self._slots = torch.full((vllm_config.scheduler_config.max_num_seqs,), NULL_BLOCK_ID, dtype=torch.int32,
+        self._slots = torch.full((vllm_config.scheduler_config.max_num_seqs,), NULL_BLOCK_ID, dtype=torch.int64,
                                  device=device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -82,7 +83,7 @@ class DeltaMemMetadataBuilder(AttentionMetadataBuilder[DeltaMemMetadata]):
                                              self.vllm_config.cache_config.mamba_cache_mode)[:n, 0]
         buf = self._slots[:n]
         buf.copy_(slots, non_blocking=True)
-        return DeltaMemMetadata(num_reqs=n, num_actual_tokens=cam.num_actual_tokens,
+        return DeltaMemMetadata(num_reqs=n, num_actual_tokens=cam.num_actual_tokens, max_query_len=cam.max_query_len,
                                 query_start_loc=cam.query_start_loc, seq_lens=cam.seq_lens, slots=buf,
                                 slots_initialised=self.slots_initialised)
 

@@ -80,7 +80,7 @@ class DeltaMemState(nn.Module, MambaBase):
         n = meta.num_actual_tokens
         write_start, zero_init = meta.chunk_write_starts(write_start_pool)
         varlen_scan(pool, meta.slots, meta.query_start_loc[:meta.num_reqs + 1], write_start, q[:n], k[:n], v[:n],
-                    keep[:n], erase[:n], write[:n], zero_init, out=reads[:n])
+                    keep[:n], erase[:n], write[:n], zero_init, out=reads[:n], max_len=meta.max_query_len)
 
 
 def _deltamem_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, erase: torch.Tensor,
