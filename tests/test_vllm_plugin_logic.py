@@ -41,7 +41,7 @@ def test_turn_params_reject_malformed_bodies(body, message):
 
 def test_saved_state_wire_form():
     state = torch.randn(2, 1, 3, 3)
-    wire = SavedState(state, 9, [4, 5]).to_wire()
+    wire = SavedState(state, 9).to_wire()
     assert torch.equal(SavedState.state_from_wire(wire), state) and wire["num_tokens"] == 9
     assert SavedState.state_from_wire(SavedState(None, 0).to_wire()) is None
 

@@ -117,8 +117,7 @@ class DeltaMemConnector(KVConnectorBase_V1, SupportsHMA):
             return False, {"deltamem_num_tokens": min(request.num_computed_tokens, request.num_tokens)}
         slots = tuple(block_ids[g][0] for g in self._groups) if all(block_ids[g] for g in self._groups) else None
         covered = min(request.num_computed_tokens, request.num_tokens) if slots is not None else 0
-        outputs = tuple(request.output_token_ids[:max(0, covered - request.num_prompt_tokens)])
-        self._saves.append(SlotSave(params.save_key, request.request_id, slots, covered, outputs))
+        self._saves.append(SlotSave(params.save_key, request.request_id, slots, covered))
         # hold the blocks until the worker has copied the slot (it reports it in get_finished)
         return slots is not None, {"deltamem_num_tokens": covered}
 
@@ -195,7 +194,7 @@ class DeltaMemConnector(KVConnectorBase_V1, SupportsHMA):
             if save.slots is not None:
                 state, row = states[row], row + 1
                 self._copied.add(save.request_id)
-            self.outbox.put(save.key, SavedState(state, save.num_tokens, list(save.output_token_ids)))
+            self.outbox.put(save.key, SavedState(state, save.num_tokens))
 
     @torch.no_grad()
     def _run_inits(self, inits: list[SlotInit]) -> None:

@@ -11,7 +11,7 @@ adapter directory and the tokenizer's vocabulary size from `hf_overrides` keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,27 +140,25 @@ class SlotInit:
 @dataclass(frozen=True)
 class SlotSave:
     """Copy a finished request's slot out. `slots` is None when the request held none (it was
-    preempted and not resumed): its state is then the initial one and covers no token.
-    `output_token_ids` are the generated tokens among the `num_tokens` the state covers."""
+    preempted and not resumed): its state is then the initial one and covers no token."""
 
     key: str
     request_id: str
     slots: tuple[int, ...] | None
     num_tokens: int
-    output_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
 class SavedState:
-    """A finished request's state in the worker outbox (state None = unchanged initial state)."""
+    """A finished request's state in the worker outbox (state None = unchanged initial state) and the
+    number of the request's tokens (prompt first) it covers."""
 
     state: torch.Tensor | None
     num_tokens: int
-    output_token_ids: list[int] = field(default_factory=list)
     created: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
-        wire: dict[str, Any] = {"num_tokens": self.num_tokens, "output_token_ids": list(self.output_token_ids)}
+        wire: dict[str, Any] = {"num_tokens": self.num_tokens}
         if self.state is not None:
             wire["state"], wire["state_shape"] = encode_state(self.state)
         return wire

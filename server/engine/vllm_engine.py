@@ -28,6 +28,7 @@ from server.engine.model_info import config_fingerprint, default_model_name, eos
 log = logging.getLogger("deltamem.engine")
 
 STATE_TIMEOUT = 60.0   # seconds to wait for a finished request's state before failing the turn
+DISCARD_TIMEOUT = 10.0  # seconds to look for the state of an aborted request (to drop it) before giving up
 
 
 class StateCollector:
@@ -51,11 +52,11 @@ class StateCollector:
         return await future
 
     def discard(self, key: str) -> None:
-        """Forget a key's state when it arrives (an aborted request's)."""
-        self._add(key, None)
+        """Forget a key's state when it arrives (an aborted request's; it may never have been saved)."""
+        self._add(key, None, timeout=min(self._timeout, DISCARD_TIMEOUT))
 
-    def _add(self, key: str, future: asyncio.Future | None) -> None:
-        self._waiting[key] = (future, time.monotonic() + self._timeout)
+    def _add(self, key: str, future: asyncio.Future | None, timeout: float | None = None) -> None:
+        self._waiting[key] = (future, time.monotonic() + (timeout or self._timeout))
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
 
@@ -84,7 +85,7 @@ class StateCollector:
                     if future is not None and not future.done():
                         future.set_exception(EngineError(f"the engine did not hand over the final state of {key} "
                                                          f"within {self._timeout:.0f} s"))
-            pause = 0.0 if not found else pause
+            pause = 0.0 if found else pause   # states arrive in bursts: after a hit, ask again at once
             if self._waiting:
                 await asyncio.sleep(pause)
                 pause = min(0.05, 2 * pause + 0.001)

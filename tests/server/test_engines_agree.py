@@ -75,14 +75,19 @@ def pair(request, tmp_path_factory):
 
 
 def test_engines_agree_over_http(pair, tmp_path):
-    results = {}
+    results, identities = {}, {}
     for engine in ("torch", "vllm"):
         settings = make_settings(pair, tmp_path / engine, engine=engine, prefill_chunk=16, max_num_batched_tokens=16)
         server = ThreadServer(settings).start()
         try:
+            eng = server.ctx.engine
+            identities[engine] = (eng.model_fingerprint, eng.adapter_fingerprint, eng.layer_names, eng.state_shape,
+                                  eng.eos_token_ids, eng.max_model_len)
             results[engine] = run_script(server.url)
         finally:
             server.stop()
+    # the same identity for the same model and adapter: a session's state moves between the engines
+    assert identities["vllm"] == identities["torch"]
     torch_run, vllm_run = results["torch"], results["vllm"]
     assert vllm_run["log"] == torch_run["log"]
     assert [entry["memory"]["committed"] for entry in torch_run["log"][:8]] == [True, True, True, False, True, True,

