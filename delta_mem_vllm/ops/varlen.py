@@ -17,6 +17,7 @@ else the torch path; "triton" raises `RuntimeError` with the reason instead of f
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,6 +33,13 @@ __all__ = ["varlen_scan", "varlen_scan_reference", "varlen_scan_torch", "varlen_
 
 SCAN_IMPL_ENV = "DELTA_MEM_SCAN_IMPL"
 _IMPLS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def _interpreting() -> bool:
+    """TRITON_INTERPRET must be set before triton is imported (triton_scan.triton_interpreter_usable),
+    so the answer cannot change in a process: ask once."""
+    return triton_interpret_enabled()
 
 
 def _alloc_reads(q: Tensor, out: Tensor | None) -> Tensor:
@@ -103,18 +111,20 @@ def varlen_scan_torch(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, wri
 
 def _decode_step(state_pool: Tensor, slots: Tensor, write_start: Tensor, q: Tensor, k: Tensor, v: Tensor,
                  keep: Tensor, erase: Tensor, write: Tensor, zero_init: Tensor | None, reads: Tensor) -> None:
-    """One token per sequence (a decode step): token b belongs to sequence b; no grouping, no loops."""
-    B, h, R = q.shape
+    """One token per sequence (a decode step: token b is sequence b's), in a dozen tensor ops with no
+    grouping, reshaping or Python loops (on a CPU each op costs microseconds whatever its size)."""
+    B = q.shape[0]
     idx = slots if slots.dtype == torch.int64 else slots.long()
-    state0 = state_pool[idx]                                                   # [B,h,R,R] (a copy)
+    S = state_pool[idx].float()                                                  # [B,h,R,R] (a copy)
     if zero_init is not None:
-        state0 = torch.where(zero_init.to(state0.device, torch.bool)[:, None, None, None], 0.0, state0)
-    writes = (write_start.to(q.device) <= 0)[:, None].expand(B, h).reshape(B * h, 1)
-    flat = lambda x: x.reshape(B * h, 1, R)  # noqa: E731
-    final, rd = scan(state0.view(B * h, R, R), flat(q), flat(k), flat(v), flat(keep), flat(erase), flat(write),
-                     valid=None, writes=writes)
-    state_pool[idx] = final.view(B, h, R, R).to(state_pool.dtype)
-    reads[:B] = rd.view(B, h, R).to(reads.dtype)
+        S = torch.where(zero_init.to(S.device, torch.bool).view(B, 1, 1, 1), 0.0, S)
+    k32 = k.float()
+    read, dot = torch.matmul(S, torch.stack([q.float(), k32], dim=-1)).unbind(-1)  # S·q, S·k: [B,h,R]
+    coef = torch.addcmul(write.float() * v.float(), erase.float(), dot, value=-1.0)  # write·v − erase·(S·k)
+    new = torch.addcmul(keep.float().unsqueeze(-1) * S, coef.unsqueeze(-1), k32.unsqueeze(-2))
+    new = torch.where((write_start.to(S.device) <= 0).view(B, 1, 1, 1), new, S)   # read-only rows keep S
+    state_pool[idx] = new.to(state_pool.dtype)
+    reads[:B] = read
 
 
 def varlen_scan(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, write_start: Tensor,
@@ -131,7 +141,7 @@ def varlen_scan(state_pool: Tensor, slots: Tensor, cu_seqlens: Tensor, write_sta
         raise ValueError(f"unknown scan implementation {choice!r}; expected one of {_IMPLS}")
     args = (state_pool, slots, cu_seqlens, write_start, q, k, v, keep, erase, write, zero_init)
     # on a CPU without the interpreter the answer is always no: skip the checks in the hot path
-    if choice != "torch" and (state_pool.device.type != "cpu" or choice == "triton" or triton_interpret_enabled()):
+    if choice != "torch" and (state_pool.device.type != "cpu" or choice == "triton" or _interpreting()):
         ok, reason = triton_scan_support(*args, out)
         if ok:
             return varlen_scan_triton(*args, out=out)

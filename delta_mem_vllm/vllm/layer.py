@@ -77,10 +77,12 @@ class DeltaMemState(nn.Module, MambaBase):
         if views is None:   # profiling runs before the KV cache exists
             return
         write_start_pool, pool = views
-        n = meta.num_actual_tokens
         write_start, zero_init = meta.chunk_write_starts(write_start_pool)
-        varlen_scan(pool, meta.slots, meta.query_start_loc[:meta.num_reqs + 1], write_start, q[:n], k[:n], v[:n],
-                    keep[:n], erase[:n], write[:n], zero_init, out=reads[:n], max_len=meta.max_query_len)
+        n = meta.num_actual_tokens
+        if n < q.shape[0]:   # padded tokens (CUDA graphs): leave their reads zero
+            q, k, v, keep, erase, write, reads = (t[:n] for t in (q, k, v, keep, erase, write, reads))
+        varlen_scan(pool, meta.slots, meta.query_start_loc[:meta.num_reqs + 1], write_start, q, k, v, keep, erase,
+                    write, zero_init, out=reads, max_len=meta.max_query_len)
 
 
 def _deltamem_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, erase: torch.Tensor,
