@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import Authenticator
+from server.context import AppContext
 from server.errors import APIError, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.sessions import EngineIdentity, SessionManager
@@ -20,33 +20,6 @@ from server.settings import Settings
 from server.state_store import build_store
 
 log = logging.getLogger("deltamem.server")
-
-
-@dataclass
-class AppContext:
-    """Everything a route needs, on app.state.ctx."""
-
-    settings: Settings
-    metrics: Metrics
-    auth: Authenticator
-    engine: Any = None
-    store: Any = None
-    sessions: SessionManager | None = None
-    started_at: float = field(default_factory=time.time)
-    accepting: bool = False
-
-    def require_ready(self) -> None:
-        if not self.accepting or self.engine is None or self.sessions is None:
-            raise APIError(503, "server is starting or shutting down", code="unavailable")
-
-
-def ctx_of(request: Request) -> AppContext:
-    return request.app.state.ctx
-
-
-def owner_of(request: Request) -> str:
-    """FastAPI dependency: authenticate and return the caller's owner id."""
-    return ctx_of(request).auth(request)
 
 
 class _BodyLimit:

@@ -72,8 +72,10 @@ class DeltaMemMetadataBuilder(AttentionMetadataBuilder[DeltaMemMetadata]):
         if vllm_config.speculative_config is not None:
             raise ValueError("Δ-Mem models do not support speculative decoding")
         self.slots_initialised = _has_deltamem_connector(vllm_config)
-        self._slots = torch.full((vllm_config.scheduler_config.max_num_seqs,), NULL_BLOCK_ID, dtype=torch.int64,
-                                 device=device)
+        # room for every row a CUDA graph may be padded to, not just max_num_seqs
+        rows = max(vllm_config.scheduler_config.max_num_seqs,
+                   vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+        self._slots = torch.full((rows,), NULL_BLOCK_ID, dtype=torch.int64, device=device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False, **kwargs) -> DeltaMemMetadata:

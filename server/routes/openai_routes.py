@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.app import AppContext, ctx_of, owner_of
+from server.context import AppContext, ctx_of, owner_of
 from server.engine.base import EngineError
 from server.errors import APIError, bad_request, not_found
 from server.generation import Turn, decide_max_tokens, resolve_session_id, run_turn, sampling_from

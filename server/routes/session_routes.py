@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 
-from server.app import AppContext, ctx_of, owner_of
+from server.context import AppContext, ctx_of, owner_of
 from server.errors import bad_request
 from server.schemas import SessionCreateRequest, SessionForkRequest, session_object
 from server.sessions import check_session_id

@@ -21,9 +21,9 @@ from tests.server.conftest import reference_turn, requires_vllm, service_loop, s
 pytestmark = requires_vllm
 
 # every code path of the layer on some backbone: q/k/v/o heads, 4 state heads, scalar gates, an
-# uncoupled lambda_outside update, δo RMSNorm and trainable per-head scales
+# uncoupled lambda_outside update, δo RMSNorm, trainable per-head scales, and memory on one layer of two
 KITCHEN_SINK = {**VARIANTS["o_rmsnorm_head_scale"], "num_state_heads": 4, "rankwise_gates": False,
-                "state_update_mode": "lambda_outside", "couple_lambda": False}
+                "state_update_mode": "lambda_outside", "couple_lambda": False, "target_layers": (1,)}
 CASES = {"qwen3": VARIANTS["released_like"], "qwen2": KITCHEN_SINK, "llama": VARIANTS["state_heads_4"],
          "smollm3": VARIANTS["qkvo_heads"]}
 TOL = dict(atol=1e-5, rtol=0)

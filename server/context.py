@@ -1,0 +1,43 @@
+"""What every route needs (engine, session manager, settings, metrics, auth), kept apart from the app
+factory so that routes import it without importing the app that includes them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from server.auth import Authenticator
+from server.errors import APIError
+from server.metrics import Metrics
+from server.sessions import SessionManager
+from server.settings import Settings
+
+
+@dataclass
+class AppContext:
+    """Everything a route needs, on app.state.ctx."""
+
+    settings: Settings
+    metrics: Metrics
+    auth: Authenticator
+    engine: Any = None
+    store: Any = None
+    sessions: SessionManager | None = None
+    started_at: float = field(default_factory=time.time)
+    accepting: bool = False
+
+    def require_ready(self) -> None:
+        if not self.accepting or self.engine is None or self.sessions is None:
+            raise APIError(503, "server is starting or shutting down", code="unavailable")
+
+
+def ctx_of(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+def owner_of(request: Request) -> str:
+    """FastAPI dependency: authenticate and return the caller's owner id."""
+    return ctx_of(request).auth(request)
