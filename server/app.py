@@ -23,7 +23,8 @@ log = logging.getLogger("deltamem.server")
 
 
 class _BodyLimit:
-    """413 for request bodies over the limit (declared or streamed), before any parsing."""
+    """413 for request bodies over the limit, before any parsing: at once when the declared length is
+    too big; for a chunked body (no length) as soon as the bytes received pass the limit."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -31,22 +32,35 @@ class _BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await error_response(too_big)(scope, receive, send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        too_big = error_response(APIError(413, f"request body exceeds {self.max_bytes} bytes",
+                                          code="request_too_large"))
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None:   # the server enforces the declared length: checking it is enough
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, seen = [], 0
+        while True:   # chunked: read it here, so that going over is a 413, not a body-parsing error
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise APIError(413, too_big.message, code="request_too_large")
-            return msg
+            if msg["type"] != "http.request":
+                return   # the client went away
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                return await too_big(scope, receive, send)
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        replayed = False
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()   # after the body: disconnect notices
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class _RequestMetrics:
@@ -78,7 +92,7 @@ class _RequestMetrics:
 def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -> FastAPI:
     """Build the app. `engine`/`backend` may be injected (tests, benchmarks); else built from settings
     at startup (model loading runs in a thread so the loop stays responsive)."""
-    from server.routes import openai_routes, ops_routes, session_routes
+    from server.routes import openai_routes, ops_routes, session_routes, tokenize_routes
 
     metrics = Metrics()
     ctx = AppContext(settings=settings, metrics=metrics, auth=Authenticator(settings.api_keys))
@@ -128,6 +142,7 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(session_routes.router)
+    app.include_router(tokenize_routes.router)
     app.include_router(ops_routes.router)
     app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(_RequestMetrics, metrics=metrics)

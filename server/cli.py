@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import uvicorn
+from pydantic import ValidationError
 
 from server.settings import Settings
 
@@ -49,10 +50,20 @@ def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     return str, {}
 
 
+def _help(field: Any) -> str:
+    """The field's description with its default, unless the description already says it."""
+    text = field.description or ""
+    default = field.get_default(call_default_factory=True)
+    if "default" in text or default is None or default == []:
+        return text
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         typ, extra = _flag_type(field.annotation)
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": field.description, **extra}
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(field), **extra}
         if typ is not None:
             kwargs["type"] = typ
         parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
@@ -79,6 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _local_path(value: str) -> bool:
+    """A path rather than a hub id (`org/name`)."""
+    return value.startswith(("/", ".", "~")) or "/" not in value
+
+
+def startup_problem(settings: Settings) -> str | None:
+    """What would make the server fail to start, as one line (checked before anything loads)."""
+    if not settings.model or not settings.adapter:
+        return "--model and --adapter are required (or --demo)"
+    for flag, value in (("--model", settings.model), ("--adapter", settings.adapter)):
+        if _local_path(value) and not Path(value).expanduser().is_dir():
+            return f"{flag} {value}: no such directory"
+    if settings.state_backend == "redis" and not settings.redis_url:
+        return "--state-backend redis needs --redis-url (or DELTAMEM_REDIS_URL)"
+    if settings.state_backend == "filesystem" and settings.state_dir.exists() and not settings.state_dir.is_dir():
+        return f"--state-dir {settings.state_dir}: exists and is not a directory"
+    return None
+
+
 def serve(settings: Settings) -> int:
     from server.app import create_app
     from server.engine import EngineUnavailable, choose_engine
@@ -89,8 +119,9 @@ def serve(settings: Settings) -> int:
         model_dir, adapter_dir = build_demo_model(settings.demo_dir)
         settings = settings.model_copy(update={"model": str(model_dir), "adapter": str(adapter_dir),
                                                "served_model_name": settings.served_model_name or "delta-mem-demo"})
-    if not settings.model or not settings.adapter:
-        print("delta-mem-vllm: error: --model and --adapter are required (or --demo)", file=sys.stderr)
+    problem = startup_problem(settings)
+    if problem:
+        print(f"delta-mem-vllm: error: {problem}", file=sys.stderr)
         return 2
     try:
         settings = settings.model_copy(update={"engine": choose_engine(settings)})
@@ -137,8 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = settings_from_args(args)
-    except Exception as exc:  # pydantic ValidationError: bad flag/env values
-        print(f"delta-mem-vllm: error: invalid settings: {exc}", file=sys.stderr)
+    except ValidationError as exc:   # bad flag or DELTAMEM_* values: one line each
+        for err in exc.errors():
+            flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
+            print(f"delta-mem-vllm: error: {flag}: {err['msg']}", file=sys.stderr)
         return 2
     return serve(settings)
 

@@ -63,9 +63,15 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return bad_request(f"request body is not valid JSON: {ctx.get('error', first.get('msg'))}", code="invalid_json")
-    param = ".".join(loc) or None
+    param = ".".join(loc) or (first.get("ctx") or {}).get("param")
     msg = first.get("msg", "invalid value")
-    if first.get("type") == "missing":
+    kind = first.get("type")
+    if kind == "extra_forbidden":
+        return bad_request(f"unsupported parameter: {param!r} is not implemented by this server",
+                           param=param, code="unsupported_parameter")
+    if kind == "unsupported_parameter":
+        return bad_request(msg, param=param, code="unsupported_parameter")
+    if kind == "missing":
         what = f"parameter: {param!r}" if param else "request body (JSON)"
         return bad_request(f"missing required {what}", param=param, code="missing_required_parameter")
     where = f"{param}: " if param else ""

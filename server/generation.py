@@ -11,14 +11,18 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
-from server.engine.base import EngineError, GenerationOutput, GenerationRequest, MemorySpec, SamplingParams
+from server.engine.base import (EngineError, GenerationOutput, GenerationRequest, MemorySpec, SamplingParams,
+                                TokenLogprob)
 from server.errors import APIError, bad_request
 from server.prompt import ChatMessage, TurnTokens
 from server.schemas import _GenerationBody
 from server.sessions import SessionTurn
+
+
+SEED_MASK = 2**64 - 1   # branch seeds wrap around within the range every engine accepts
 
 
 def resolve_session_id(body_id: str | None, header_id: str | None) -> str | None:
@@ -45,6 +49,13 @@ def sampling_from(body: _GenerationBody, max_tokens: int | None, vocab_size: int
         max_tokens=max_tokens or 1,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        min_tokens=min(body.min_tokens, max_tokens or 1),
+        logprobs=body.num_logprobs(),
         seed=body.seed,
         stop=body.stop_list(),
         stop_token_ids=stop_ids,
@@ -80,8 +91,13 @@ class Turn:
     created: int = field(default_factory=lambda: int(time.time()))
     pieces: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     final: GenerationOutput | None = None
     committed: bool = False
+    index: int = 0                    # the choice index among n branches
+    # branches of one request share its session; the last one to finish releases it
+    _holders: list[int] = field(default_factory=lambda: [1], repr=False)
+    _released: bool = field(default=False, repr=False)
 
     @property
     def memory(self) -> MemorySpec:
@@ -97,8 +113,22 @@ class Turn:
         return "".join(self.pieces)
 
     def release(self) -> None:
-        if self.session is not None:
+        if self._released:
+            return
+        self._released = True
+        self._holders[0] -= 1
+        if self.session is not None and self._holders[0] == 0:
             self.session.release()
+
+    def branches(self, n: int) -> list["Turn"]:
+        """This turn and n−1 siblings that sample independently (seed+i when seeded). Only a turn that
+        writes nothing can branch: n continuations cannot all be committed to one session."""
+        assert n == 1 or self.session is None or not self.write
+        self._holders[0] = n
+        seed = self.sampling.seed
+        return [self] + [replace(self, request_id=uuid.uuid4().hex, index=i, pieces=[], token_ids=[], logprobs=[],
+                                 sampling=replace(self.sampling, seed=None if seed is None else (seed + i) & SEED_MASK))
+                         for i in range(1, n)]
 
     def delta_mem_info(self) -> dict[str, Any]:
         """Non-standard response field: what this turn did to the memory."""
@@ -130,6 +160,7 @@ async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
                 if out.token_ids and not turn.token_ids:
                     metrics.ttft.labels(turn.kind).observe(time.perf_counter() - t0)
                 turn.token_ids.extend(out.token_ids)
+                turn.logprobs.extend(out.logprobs or ())
                 turn.pieces.append(out.text)
                 if out.finished:
                     if out.finish_reason not in ("stop", "length"):

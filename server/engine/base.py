@@ -17,16 +17,39 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What to sample. temperature 0 = greedy. `stop` strings are matched on the decoded text."""
+    """What to sample, with vLLM's meaning for every field (both engines must agree on greedy tokens).
+
+    temperature 0 = greedy. `stop` strings are matched on the decoded text. top_k 0 = off.
+    Penalties follow vLLM: repetition over prompt and output tokens, presence/frequency over output
+    tokens. min_tokens: EOS, stop ids and stop strings are ignored until that many tokens exist.
+    logprobs: None = none; k = the sampled token's log-probability plus the k most likely (raw
+    log-softmax of the model's logits, before any processing, as vLLM reports them).
+    """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the `top` most likely alternatives (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,7 @@ class GenerationOutput:
     request_id: str
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None   # one per token id, when sampling.logprobs is set
     finished: bool = False
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0

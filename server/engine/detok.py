@@ -12,7 +12,8 @@ from typing import Any
 class IncrementalDetokenizer:
     """Feeds generated ids one at a time; returns text deltas whose concatenation is the reply."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = (), skip_special_tokens: bool = True,
+                 min_tokens: int = 0) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
@@ -20,6 +21,7 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._stop = tuple(s for s in stop if s)
         self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._min_tokens = min_tokens   # stop strings count only once more ids than this were added
         self.text = ""            # decoded so far (stable part)
         self._emitted = 0         # chars of self.text already returned
         self.stopped = False      # a stop string was found; self.text is cut before it
@@ -36,7 +38,7 @@ class IncrementalDetokenizer:
             self._read_offset = len(self._ids)
 
     def _release(self, final: bool) -> str:
-        if self._stop:
+        if self._stop and len(self._ids) > self._min_tokens:
             start = max(0, self._emitted - self._hold)
             hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
             if hits:

@@ -33,3 +33,13 @@ def config_fingerprint(config: Any) -> str:
 
 def default_model_name(model_path: str) -> str:
     return str(model_path).rstrip("/").rsplit("/", 1)[-1] or str(model_path)
+
+
+def load_tokenizer(settings: Any) -> Any:
+    """The served model's tokenizer, with the operator's --chat-template in place of its own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    if settings.chat_template:
+        tokenizer.chat_template = settings.chat_template
+    return tokenizer

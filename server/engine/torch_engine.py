@@ -19,10 +19,10 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from server.engine.base import EngineError, GenerationOutput, GenerationRequest
+from server.engine.base import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
 from server.engine.detok import IncrementalDetokenizer
-from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids
-from server.engine.sampling import make_generator, sample_next
+from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids, load_tokenizer
+from server.engine.sampling import make_generator, prompt_mask, sample_next, token_logprob
 
 log = logging.getLogger("deltamem.engine")
 
@@ -37,6 +37,7 @@ class _Active:
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     max_tokens: int
+    in_prompt: torch.Tensor | None = None    # prompt ids as a vocabulary mask (repetition penalty)
     cache: Any = None
     pos: int = 0                             # prompt tokens processed
     generated: list[int] = field(default_factory=list)
@@ -71,6 +72,7 @@ class TorchEngine:
         self._keep_last = 1 if dm.supports_logits_to_keep else 0
         # ids >= len(tokenizer) are padding rows of the embedding: never sample them
         self.valid_vocab = len(tokenizer)
+        self.logits_size = dm.model.get_output_embeddings().weight.shape[0]
         self._incoming: deque[_Active] = deque()
         self._active: list[_Active] = []
         self._cond = threading.Condition()
@@ -81,8 +83,6 @@ class TorchEngine:
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_settings(cls, settings: Any) -> "TorchEngine":
-        from transformers import AutoTokenizer
-
         from delta_mem_vllm.hf import DeltaMemModel
 
         if not settings.model or not settings.adapter:
@@ -98,7 +98,7 @@ class TorchEngine:
             torch.set_num_threads(settings.torch_threads)
         dm = DeltaMemModel.from_pretrained(settings.model, settings.adapter, dtype=dtype, device=device,
                                            attn_implementation=settings.attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        tokenizer = load_tokenizer(settings)
         name = settings.served_model_name or default_model_name(settings.model)
         return cls(dm, tokenizer, model_name=name, max_model_len=settings.max_model_len,
                    prefill_chunk=settings.prefill_chunk)
@@ -166,9 +166,11 @@ class TorchEngine:
                  else init.detach().to(self.device, torch.float32).reshape(1, *self.state_shape))
         room = self.max_model_len - len(prompt)
         act = _Active(req=request, push=push, state=state,
-                      detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+                      detok=IncrementalDetokenizer(self.tokenizer, request.sampling.stop,
+                                                   min_tokens=request.sampling.min_tokens),
                       generator=make_generator(request.sampling, self.device),
-                      max_tokens=max(0, min(request.sampling.max_tokens, room)))
+                      max_tokens=max(0, min(request.sampling.max_tokens, room)),
+                      in_prompt=prompt_mask(request.sampling, prompt, self.logits_size, self.device))
         with self._cond:
             self._incoming.append(act)
             self._cond.notify()
@@ -315,27 +317,31 @@ class TorchEngine:
         sp = act.req.sampling
         if act.max_tokens == 0:  # prompt fills the context: nothing may be generated
             return self._finish(act, "length", [], "")
-        tok = sample_next(logits, sp, act.generator, self.valid_vocab)
+        stop_ids = sp.stop_token_ids if sp.ignore_eos else self.eos_token_ids + sp.stop_token_ids
+        tok = sample_next(logits, sp, act.generator, self.valid_vocab, in_prompt=act.in_prompt, output=act.generated,
+                          stop_ids=stop_ids)
+        logprobs = None if sp.logprobs is None else [token_logprob(logits, tok, sp.logprobs, self.valid_vocab)]
         act.generated.append(tok)
         text = act.detok.add(tok)
         reason = None
-        if (tok in self.eos_token_ids and not sp.ignore_eos) or tok in sp.stop_token_ids or act.detok.stopped:
+        if len(act.generated) > sp.min_tokens and tok in stop_ids or act.detok.stopped:
             reason = "stop"
         elif len(act.generated) >= act.max_tokens:
             reason = "length"
         if reason is not None:
-            return self._finish(act, reason, [tok], text)
+            return self._finish(act, reason, [tok], text, logprobs)
         act.to_feed = tok
-        act.push(GenerationOutput(act.req.request_id, [tok], text, completion_tokens=len(act.generated)))
+        act.push(GenerationOutput(act.req.request_id, [tok], text, logprobs, completion_tokens=len(act.generated)))
         return False
 
-    def _finish(self, act: _Active, reason: str, new_ids: list[int], text: str) -> bool:
+    def _finish(self, act: _Active, reason: str, new_ids: list[int], text: str,
+                logprobs: list[TokenLogprob] | None = None) -> bool:
         text += act.detok.flush()
         prompt = act.req.prompt_token_ids
         fed = act.generated[:-1]  # the last sampled token was never processed
         written = (prompt[act.write_start:] + fed) if act.req.memory.write else []
         act.push(GenerationOutput(
-            act.req.request_id, new_ids, text, finished=True, finish_reason=reason,  # type: ignore[arg-type]
+            act.req.request_id, new_ids, text, logprobs, finished=True, finish_reason=reason,  # type: ignore[arg-type]
             prompt_tokens=len(prompt), completion_tokens=len(act.generated),
             final_state=act.state[0], written_token_ids=written, pending_token_ids=act.generated[-1:],
         ))

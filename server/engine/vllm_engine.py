@@ -21,9 +21,9 @@ from typing import Any, AsyncIterator
 
 import torch
 
-from server.engine.base import EngineError, GenerationOutput, GenerationRequest, SamplingParams
+from server.engine.base import EngineError, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
 from server.engine.detok import IncrementalDetokenizer
-from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids
+from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids, load_tokenizer
 
 log = logging.getLogger("deltamem.engine")
 
@@ -117,7 +117,7 @@ class VllmEngine:
     # --- construction ---------------------------------------------------------------------------
     @classmethod
     def from_settings(cls, settings: Any) -> "VllmEngine":
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, GenerationConfig
 
         from delta_mem_vllm.adapter import load_adapter
         from delta_mem_vllm.vllm.compat import installed_version
@@ -127,7 +127,7 @@ class VllmEngine:
         if not settings.model or not settings.adapter:
             raise EngineError("the vLLM engine needs --model and --adapter (or --demo)")
         adapter = load_adapter(settings.adapter)
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        tokenizer = load_tokenizer(settings)
         hf_config = AutoConfig.from_pretrained(settings.model)
         try:
             generation_config = GenerationConfig.from_pretrained(settings.model)
@@ -207,7 +207,8 @@ class VllmEngine:
                                   save_key=key if want_state else None)
         sampling = self._sampling(request.sampling, len(prompt), params.to_kv_transfer_params())
         # the embedded engine's detokenizer and stop strings: both engines return the same text
-        detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop, min_tokens=request.sampling.min_tokens)
+        top = request.sampling.logprobs
         generated: list[int] = []
         reason = None
         reported: dict[str, Any] | None = None
@@ -218,8 +219,11 @@ class VllmEngine:
                 async for out in stream:
                     completion = out.outputs[0]
                     new_ids, text = [], ""
-                    for token in completion.token_ids:
+                    logprobs = None if top is None else []
+                    for i, token in enumerate(completion.token_ids):
                         new_ids.append(token)
+                        if logprobs is not None:
+                            logprobs.append(_token_logprob(token, completion.logprobs[i], top))
                         text += detok.add(token)
                         if detok.stopped:   # a stop string: later tokens were never shown, drop them
                             reason = "stop"
@@ -229,14 +233,16 @@ class VllmEngine:
                         reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
                         reported = out.kv_transfer_params
                     if reason is None:
-                        yield GenerationOutput(request.request_id, new_ids, text, completion_tokens=len(generated))
+                        yield GenerationOutput(request.request_id, new_ids, text, logprobs,
+                                               completion_tokens=len(generated))
                         continue
-                    final_ids, final_text = new_ids, text + detok.flush()
+                    final_ids, final_text, final_logprobs = new_ids, text + detok.flush(), logprobs
                     break
             # leaving the block aborted the request in vLLM if it was still running (a stop string)
             if reason is None:
                 raise EngineError("vLLM ended the request without finishing it")
-            final = GenerationOutput(request.request_id, final_ids, final_text, finished=True, finish_reason=reason,
+            final = GenerationOutput(request.request_id, final_ids, final_text, final_logprobs, finished=True,
+                                     finish_reason=reason,
                                      prompt_tokens=len(prompt), completion_tokens=len(generated))
             if reason == "abort":
                 final.error = "generation was aborted"
@@ -322,12 +328,22 @@ class VllmEngine:
         from vllm import SamplingParams as VllmSampling
         from vllm.sampling_params import RequestOutputKind
 
+        max_tokens = max(1, min(sp.max_tokens, self.max_model_len - prompt_len))
         return VllmSampling(
-            n=1, max_tokens=max(1, min(sp.max_tokens, self.max_model_len - prompt_len)),
-            temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
+            n=1, max_tokens=max_tokens,
+            temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
+            repetition_penalty=sp.repetition_penalty, presence_penalty=sp.presence_penalty,
+            frequency_penalty=sp.frequency_penalty, min_tokens=min(sp.min_tokens, max_tokens), logprobs=sp.logprobs,
+            seed=sp.seed,
             stop_token_ids=list(sp.stop_token_ids) or None, ignore_eos=sp.ignore_eos,
             logit_bias=dict(sp.logit_bias) or None, output_kind=RequestOutputKind.DELTA, detokenize=False,
             extra_args={"kv_transfer_params": kv_transfer_params})
+
+
+def _token_logprob(token: int, entries: dict[int, Any], top: int) -> TokenLogprob:
+    """vLLM's per-token logprobs (the sampled id plus the `top` best, each with its rank) as ours."""
+    best = sorted((lp.rank, tid, lp.logprob) for tid, lp in entries.items() if lp.rank is not None and lp.rank <= top)
+    return TokenLogprob(token, entries[token].logprob, tuple((tid, logprob) for _, tid, logprob in best))
 
 
 def _request_key(request_id: str) -> str:

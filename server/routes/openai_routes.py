@@ -15,6 +15,7 @@ from server.context import AppContext, ctx_of, owner_of
 from server.engine.base import EngineError
 from server.errors import APIError, bad_request, not_found
 from server.generation import Turn, decide_max_tokens, resolve_session_id, run_turn, sampling_from
+from server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from server.prompt import ChatMessage, TurnTokens, build_chat_turn, build_text_turn
 from server.schemas import ChatCompletionRequest, CompletionRequest, DeltaMemOptions, _GenerationBody
 from server.sessions import SessionTurn, check_session_id
@@ -32,11 +33,6 @@ def _check_model(ctx: AppContext, model: str | None) -> str:
     return name
 
 
-def _usage(out: Any) -> dict[str, int]:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
-
-
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -47,10 +43,14 @@ def _error_event(exc: BaseException) -> str:
 
 async def _prepare(ctx: AppContext, owner: str, body: _GenerationBody, session_id: str | None, kind: str,
                    plan: Callable[[SessionTurn | None], TurnTokens], requested: int | None,
-                   default: int | None, prompt_param: str) -> Turn:
-    """Lock/load the session (if any), build the tokens, size the completion. Errors here are plain
-    HTTP errors (nothing has streamed yet) and leave the session untouched."""
+                   default: int | None, prompt_param: str) -> list[Turn]:
+    """Lock/load the session (if any), build the tokens, size the completion; one turn per choice.
+    Errors here are plain HTTP errors (nothing has streamed yet) and leave the session untouched."""
     opts = body.delta_mem or DeltaMemOptions()
+    n = body.n or 1
+    if n > 1 and session_id is not None and opts.write:
+        raise bad_request("n > 1 needs a stateless or read-only request (delta_mem.write=false): n continuations "
+                          "cannot all be committed to one session", param="n", code="invalid_value")
     session = None
     if session_id is not None:
         try:
@@ -65,7 +65,7 @@ async def _prepare(ctx: AppContext, owner: str, body: _GenerationBody, session_i
         max_tokens = decide_max_tokens(requested, default, len(tokens.token_ids), engine.max_model_len,
                                        prompt_param)
         sampling = sampling_from(body, max_tokens, len(engine.tokenizer))
-        return Turn(kind=kind, tokens=tokens, sampling=sampling, write=opts.write, session=session)
+        return Turn(kind=kind, tokens=tokens, sampling=sampling, write=opts.write, session=session).branches(n)
     except BaseException:
         if session is not None:
             session.release()
@@ -94,13 +94,48 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
     return task.result()
 
 
-async def _drain(ctx: AppContext, turn: Turn) -> Turn:
+async def _drain(ctx: AppContext, turns: list[Turn]) -> list[Turn]:
     try:
-        async for _ in run_turn(ctx, turn):
+        async for _ in _merged(ctx, turns):
             pass
     except EngineError as exc:
         raise _engine_error(exc) from exc
-    return turn
+    return turns
+
+
+async def _merged(ctx: AppContext, turns: list[Turn]) -> AsyncIterator[tuple[Turn, Any]]:
+    """The engine outputs of all branches as they come; a failure in one stops them all."""
+    if len(turns) == 1:
+        async for out in run_turn(ctx, turns[0]):
+            yield turns[0], out
+        return
+    queue: asyncio.Queue[tuple[Turn, Any] | BaseException | None] = asyncio.Queue()
+
+    async def pump(turn: Turn) -> None:
+        try:
+            async for out in run_turn(ctx, turn):
+                await queue.put((turn, out))
+            await queue.put(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put(exc)
+
+    tasks = [asyncio.ensure_future(pump(t)) for t in turns]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for turn in turns:
+            turn.release()
 
 
 def _engine_error(exc: BaseException) -> APIError:
@@ -111,9 +146,9 @@ class _TurnStream(StreamingResponse):
     """A streamed turn that always releases its session and closes its generator, even when the
     client disconnects before the body starts (the generator would then never run its finally)."""
 
-    def __init__(self, content: AsyncIterator[str], turn: Turn, headers: dict[str, str]) -> None:
+    def __init__(self, content: AsyncIterator[str], turns: list[Turn], headers: dict[str, str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
-        self._turn = turn
+        self._turns = turns
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -121,7 +156,8 @@ class _TurnStream(StreamingResponse):
         finally:
             with contextlib.suppress(BaseException):
                 await self.body_iterator.aclose()  # type: ignore[union-attr]
-            self._turn.release()
+            for turn in self._turns:
+                turn.release()
 
 
 def _session_headers(session_id: str | None) -> dict[str, str]:
@@ -170,58 +206,79 @@ async def _chat(ctx: AppContext, request: Request, owner: str, body: ChatComplet
                               code="invalid_messages") from None
 
     requested = body.max_completion_tokens or body.max_tokens
-    turn = await _prepare(ctx, owner, body, sid, "chat", plan, requested, ctx.settings.default_max_tokens, "messages")
-    return await _reply(ctx, request, turn, body, model, sid, chat=True)
+    turns = await _prepare(ctx, owner, body, sid, "chat", plan, requested, ctx.settings.default_max_tokens, "messages")
+    return await _reply(ctx, request, turns, body, model, sid, chat=True)
 
 
-async def _reply(ctx: AppContext, request: Request, turn: Turn, body: Any, model: str, sid: str | None, *,
+def _usage(turns: list[Turn]) -> dict[str, int]:
+    """OpenAI counts the prompt once and the completion tokens of every choice."""
+    prompt = turns[0].final.prompt_tokens if turns[0].final else len(turns[0].tokens.token_ids)
+    completion = sum(t.final.completion_tokens for t in turns if t.final is not None)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _reply(ctx: AppContext, request: Request, turns: list[Turn], body: Any, model: str, sid: str | None, *,
                  chat: bool) -> Response:
     """Stream the turn as SSE, or wait for it (a disconnect aborts it) and answer one JSON object."""
     headers = _session_headers(sid)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
         events = _chat_events if chat else _completion_events
-        return _TurnStream(events(ctx, turn, model, include_usage, body.return_token_ids), turn, headers)
-    if await _until_disconnect(request, _drain(ctx, turn)) is None:
+        return _TurnStream(events(ctx, turns, model, include_usage, body.return_token_ids), turns, headers)
+    if await _until_disconnect(request, _drain(ctx, turns)) is None:
         return Response(status_code=499)
-    out = turn.final
-    assert out is not None
-    content = {"message": {"role": "assistant", "content": turn.text}} if chat else {"text": turn.text}
-    choice: dict[str, Any] = {"index": 0, **content, "logprobs": None, "finish_reason": out.finish_reason}
-    resp: dict[str, Any] = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{turn.request_id}",
-                            "object": "chat.completion" if chat else "text_completion", "created": turn.created,
-                            "model": model, "system_fingerprint": None, "choices": [choice], "usage": _usage(out),
-                            "delta_mem": turn.delta_mem_info()}
+    text = TokenText(ctx.engine.tokenizer) if turns[0].sampling.logprobs is not None else None
+    choices = []
+    for turn in turns:
+        assert turn.final is not None
+        content = {"message": {"role": "assistant", "content": turn.text}} if chat else {"text": turn.text}
+        logprobs = None
+        if text is not None:
+            logprobs = chat_logprobs(turn.logprobs, text) if chat else completion_logprobs(turn.logprobs, text)
+        choice: dict[str, Any] = {"index": turn.index, **content, "logprobs": logprobs,
+                                  "finish_reason": turn.final.finish_reason}
+        if body.return_token_ids:
+            choice["token_ids"] = turn.token_ids
+        choices.append(choice)
+    first = turns[0]
+    resp: dict[str, Any] = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{first.request_id}",
+                            "object": "chat.completion" if chat else "text_completion", "created": first.created,
+                            "model": model, "system_fingerprint": None, "choices": choices, "usage": _usage(turns),
+                            "delta_mem": first.delta_mem_info()}
     if body.return_token_ids:
-        resp["prompt_token_ids"] = turn.tokens.token_ids
-        choice["token_ids"] = turn.token_ids
+        resp["prompt_token_ids"] = first.tokens.token_ids
     return JSONResponse(resp, headers=headers)
 
 
-async def _chat_events(ctx: AppContext, turn: Turn, model: str, include_usage: bool,
+async def _chat_events(ctx: AppContext, turns: list[Turn], model: str, include_usage: bool,
                        return_token_ids: bool) -> AsyncIterator[str]:
-    base = {"id": f"chatcmpl-{turn.request_id}", "object": "chat.completion.chunk", "created": turn.created,
+    first = turns[0]
+    base = {"id": f"chatcmpl-{first.request_id}", "object": "chat.completion.chunk", "created": first.created,
             "model": model, "system_fingerprint": None}
+    text = TokenText(ctx.engine.tokenizer) if first.sampling.logprobs is not None else None
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, top: dict[str, Any] | None = None,
-              **extra: Any) -> str:
-        obj: dict[str, Any] = {**base, **(top or {}), "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                                  "finish_reason": finish, **extra}]}
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, top: dict[str, Any] | None = None,
+              logprobs: Any = None, **extra: Any) -> str:
+        obj: dict[str, Any] = {**base, **(top or {}), "choices": [{"index": index, "delta": delta,
+                                                                  "logprobs": logprobs, "finish_reason": finish,
+                                                                  **extra}]}
         if include_usage:
             obj["usage"] = None
         return _sse(obj)
 
     try:
-        top = {"prompt_token_ids": turn.tokens.token_ids} if return_token_ids else None
-        yield chunk({"role": "assistant", "content": ""}, top=top)
-        async for out in run_turn(ctx, turn):
+        top = {"prompt_token_ids": first.tokens.token_ids} if return_token_ids else None
+        for turn in turns:
+            yield chunk(turn.index, {"role": "assistant", "content": ""}, top=top)
+        async for turn, out in _merged(ctx, turns):
             extra = {"token_ids": out.token_ids} if return_token_ids else {}
-            if out.text or extra:
-                yield chunk({"content": out.text} if out.text else {}, **extra)
+            logprobs = chat_logprobs(out.logprobs, text) if text is not None and out.logprobs else None
+            if out.text or extra or logprobs:
+                yield chunk(turn.index, {"content": out.text} if out.text else {}, logprobs=logprobs, **extra)
             if out.finished:
-                yield chunk({}, out.finish_reason, top={"delta_mem": turn.delta_mem_info()})
-                if include_usage:
-                    yield _sse({**base, "choices": [], "usage": _usage(out)})
+                yield chunk(turn.index, {}, out.finish_reason, top={"delta_mem": turn.delta_mem_info()})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(turns)})
     except (APIError, EngineError) as exc:
         yield _error_event(exc)
     yield "data: [DONE]\n\n"
@@ -264,17 +321,24 @@ async def _complete(ctx: AppContext, request: Request, owner: str, body: Complet
         return session.plan_text(ids, gran) if session else build_text_turn(ids, granularity=gran)
 
     # OpenAI's default for legacy completions is 16 tokens
-    turn = await _prepare(ctx, owner, body, sid, "completion", plan, body.max_tokens, 16, "prompt")
-    return await _reply(ctx, request, turn, body, model, sid, chat=False)
+    turns = await _prepare(ctx, owner, body, sid, "completion", plan, body.max_tokens, 16, "prompt")
+    return await _reply(ctx, request, turns, body, model, sid, chat=False)
 
 
-async def _completion_events(ctx: AppContext, turn: Turn, model: str, include_usage: bool,
+async def _completion_events(ctx: AppContext, turns: list[Turn], model: str, include_usage: bool,
                              return_token_ids: bool) -> AsyncIterator[str]:
-    base = {"id": f"cmpl-{turn.request_id}", "object": "text_completion", "created": turn.created, "model": model,
+    first = turns[0]
+    base = {"id": f"cmpl-{first.request_id}", "object": "text_completion", "created": first.created, "model": model,
             "system_fingerprint": None}
+    text = TokenText(ctx.engine.tokenizer) if first.sampling.logprobs is not None else None
+    offsets = [0] * len(turns)
     try:
-        async for out in run_turn(ctx, turn):
-            choice: dict[str, Any] = {"index": 0, "text": out.text, "logprobs": None,
+        async for turn, out in _merged(ctx, turns):
+            logprobs = None
+            if text is not None and out.logprobs:
+                logprobs = completion_logprobs(out.logprobs, text, offsets[turn.index])
+                offsets[turn.index] += sum(len(t) for t in logprobs["tokens"])
+            choice: dict[str, Any] = {"index": turn.index, "text": out.text, "logprobs": logprobs,
                                       "finish_reason": out.finish_reason if out.finished else None}
             if return_token_ids:
                 choice["token_ids"] = out.token_ids
@@ -283,10 +347,10 @@ async def _completion_events(ctx: AppContext, turn: Turn, model: str, include_us
                 obj["usage"] = None
             if out.finished:
                 obj["delta_mem"] = turn.delta_mem_info()
-            if out.text or out.finished or return_token_ids:
+            if out.text or out.finished or return_token_ids or logprobs:
                 yield _sse(obj)
-            if out.finished and include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(out)})
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": _usage(turns)})
     except (APIError, EngineError) as exc:
         yield _error_event(exc)
     yield "data: [DONE]\n\n"

@@ -113,6 +113,29 @@ def app_kwargs_for(request: Any, engine: str) -> dict[str, Any]:
     return {"engine": request.getfixturevalue("vllm_engine")} if engine == "vllm" else {}
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def server(request, tiny_paths, tmp_path_factory) -> Iterator["ThreadServer"]:
+    """A test module's server on each engine (a module defines its own `server` for other settings)."""
+    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), engine=request.param)
+    srv = ThreadServer(settings, **app_kwargs_for(request, request.param)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Any:
+    """The official `openai` client on the module's server."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
 class ThreadServer:
     """A real uvicorn server on a free loopback port, served from the shared service loop."""
 

@@ -46,3 +46,33 @@ def test_demo_model_command(tmp_path, capsys):
     assert "serve --model" in out
     assert (tmp_path / "demo" / "model" / "config.json").is_file()
     assert (tmp_path / "demo" / "adapter" / "delta_mem_config.json").is_file()
+
+
+def test_serve_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 8000)", "(default: filesystem)", "(default: off)", "(default: 1024)"):
+        assert shown in text, shown
+
+
+def test_startup_errors_are_one_line_each(tmp_path, capsys, monkeypatch):
+    from server.demo import build_demo_model
+
+    model, adapter = build_demo_model(tmp_path / "demo")
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    base = ["serve", "--model", str(model), "--adapter", str(adapter), "--engine", "torch"]
+    cases = [
+        (["serve", "--model", str(tmp_path / "missing"), "--adapter", str(adapter)], "--model", "no such directory"),
+        ([*base, "--state-backend", "redis"], "--state-backend redis", "needs --redis-url"),
+        ([*base, "--state-dir", str(tmp_path / "file")], "--state-dir", "not a directory"),
+        ([*base, "--chat-template", str(tmp_path / "none.jinja")], "--chat-template", "neither a file nor"),
+        ([*base, "--port", "99999"], "--port", "less than or equal to 65535"),
+    ]
+    monkeypatch.delenv("DELTAMEM_REDIS_URL", raising=False)
+    for argv, flag, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("delta-mem-vllm: error: ") and flag in err and words in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -90,3 +90,61 @@ def test_top_p_keeps_the_top_token_under_flush_to_zero():
         assert sample_next(logits, params, make_generator(params, torch.device("cpu"))) == 0
     finally:
         torch.set_flush_denormal(False)   # (it returns whether the mode is supported, not the old mode)
+
+
+def _draws(logits: torch.Tensor, params: SamplingParams, n: int = 200) -> set[int]:
+    g = make_generator(params, torch.device("cpu"))
+    return {sample_next(logits, params, g) for _ in range(n)}
+
+
+def test_top_k_and_min_p_restrict_the_draws():
+    logits = torch.tensor([2.0, 1.9, 1.8, -5.0, 1.7])
+    assert _draws(logits, SamplingParams(max_tokens=1, top_k=2, seed=0)) == {0, 1}
+    assert _draws(logits, SamplingParams(max_tokens=1, seed=0)) >= {0, 1, 2, 4}
+    # min_p 0.5: keep tokens at least half as likely as the best; exp(-0.3) = 0.74 > 0.5 > exp(-7)
+    assert _draws(logits, SamplingParams(max_tokens=1, min_p=0.5, seed=0)) == {0, 1, 2, 4}
+    assert _draws(logits, SamplingParams(max_tokens=1, min_p=0.9, seed=0)) == {0, 1}   # exp(-.2)=.82 < .9 < exp(-.1)
+
+
+def test_penalties_follow_vllm():
+    """Repetition divides positive / multiplies negative logits of seen ids (prompt or output);
+    frequency subtracts per occurrence in the output, presence once."""
+    from server.engine.sampling import _apply_penalties, prompt_mask
+
+    logits = torch.tensor([2.0, -1.0, 3.0, 0.5])
+    params = SamplingParams(max_tokens=1, repetition_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.1)
+    in_prompt = prompt_mask(params, [0], 4, torch.device("cpu"))
+    out = _apply_penalties(logits, params, in_prompt, [1, 2, 2])
+    expected = torch.tensor([2.0 / 2, -1.0 * 2 - 0.25 - 0.1, 3.0 / 2 - 0.5 - 0.1, 0.5])
+    torch.testing.assert_close(out, expected)
+    # greedy sees the penalties: id 2 (3.0) loses to id 0 once it has been generated twice
+    assert sample_next(logits, SamplingParams(max_tokens=1, temperature=0), None) == 2
+    assert sample_next(logits, params.__class__(**{**params.__dict__, "temperature": 0}), None,
+                       in_prompt=in_prompt, output=[1, 2, 2]) == 0
+
+
+def test_min_tokens_masks_stop_ids_until_reached():
+    logits = torch.tensor([0.0, 9.0, 1.0])
+    params = SamplingParams(max_tokens=5, temperature=0, min_tokens=2)
+    assert sample_next(logits, params, None, output=[2], stop_ids=(1,)) == 2
+    assert sample_next(logits, params, None, output=[2, 2], stop_ids=(1,)) == 1
+
+
+def test_token_logprob_is_raw_log_softmax():
+    from server.engine.sampling import token_logprob
+
+    logits = torch.tensor([1.0, 3.0, 2.0, 50.0])
+    lp = token_logprob(logits, 2, top=2, valid_vocab=3)   # id 3 is padding: never counted
+    ref = torch.log_softmax(logits[:3], dim=-1)
+    assert lp.token_id == 2 and abs(lp.logprob - float(ref[2])) < 1e-6
+    assert [t for t, _ in lp.top] == [1, 2] and abs(lp.top[0][1] - float(ref[1])) < 1e-6
+
+
+def test_stop_strings_wait_for_min_tokens(tok):
+    ids = tok.encode("hi there hi", add_special_tokens=False)
+    eager = IncrementalDetokenizer(tok, ("there",))
+    "".join(eager.add(t) for t in ids)
+    assert eager.stopped
+    held = IncrementalDetokenizer(tok, ("there",), min_tokens=len(ids))
+    out = "".join(held.add(t) for t in ids) + held.flush()
+    assert not held.stopped and out == "hi there hi"

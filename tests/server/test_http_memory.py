@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 import torch
 
@@ -36,12 +35,6 @@ def server(request, tiny_paths, tmp_path_factory):
     srv = ThreadServer(settings, **app_kwargs_for(request, request.param)).start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def render(tok, msgs, gen: bool) -> list[int]:

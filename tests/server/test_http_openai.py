@@ -2,35 +2,9 @@
 
 from __future__ import annotations
 
-import httpx
-import openai
-import pytest
-
 from delta_mem_vllm.testing.tiny import build_tokenizer
-from tests.server.conftest import ENGINES, ThreadServer, app_kwargs_for, make_settings
 
 A_ID = str(build_tokenizer().convert_tokens_to_ids("a"))
-
-
-@pytest.fixture(scope="module", params=ENGINES)
-def server(request, tiny_paths, tmp_path_factory):
-    settings = make_settings(tiny_paths, tmp_path_factory.mktemp("state"), engine=request.param)
-    srv = ThreadServer(settings, **app_kwargs_for(request, request.param)).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
 MSGS = [{"role": "system", "content": "You are tiny."}, {"role": "user", "content": "Say something."}]
 
 
