@@ -63,7 +63,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return bad_request(f"request body is not valid JSON: {ctx.get('error', first.get('msg'))}", code="invalid_json")
-    param = ".".join(loc) or (first.get("ctx") or {}).get("param")
+    # a model-level check names its field in ctx["param"], relative to where the model sits
+    param = ".".join(loc + [str((first.get("ctx") or {})["param"])] if "param" in (first.get("ctx") or {}) else loc)
+    param = param or None
     msg = first.get("msg", "invalid value")
     kind = first.get("type")
     if kind == "extra_forbidden":

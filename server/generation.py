@@ -56,6 +56,7 @@ def sampling_from(body: _GenerationBody, max_tokens: int | None, vocab_size: int
         frequency_penalty=body.frequency_penalty or 0.0,
         min_tokens=min(body.min_tokens, max_tokens or 1),
         logprobs=body.num_logprobs(),
+        structured=body.structured_output(),
         seed=body.seed,
         stop=body.stop_list(),
         stop_token_ids=stop_ids,

@@ -6,10 +6,13 @@ generation request with a field we do not implement is a 400 naming it, never a 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from server.engine.base import StructuredOutput
 
 MAX_SEED = 2**64 - 1
 MIN_SEED = -(2**63)
@@ -155,6 +158,9 @@ class _GenerationBody(BaseModel):
         """How many alternatives per token to report (None: no logprobs)."""
         return None
 
+    def structured_output(self) -> StructuredOutput | None:
+        return None
+
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -164,11 +170,40 @@ class _GenerationBody(BaseModel):
 MAX_LOGPROBS = 20
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None   # the schema is always enforced, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`; JSON is enforced by grammar-constrained decoding on both engines."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("invalid_value", "json_schema is required with type 'json_schema' and only "
+                                      "then", {"param": "json_schema"})
+        return self
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput("json_object")
+        return StructuredOutput("json_schema", json.dumps(self.json_schema.schema_ or {"type": "object"}))
+
+
 class ChatCompletionRequest(_GenerationBody):
     _UNSUPPORTED: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "tools": _is_default([]), "tool_choice": _is_default("none"), "parallel_tool_calls": _is_default(),
-        "functions": _is_default([]), "function_call": _is_default("none"), "response_format": _is_default({"type": "text"}),
-        "audio": _is_default(), "modalities": _is_default(["text"]), "prediction": _is_default(),
+        "functions": _is_default([]), "function_call": _is_default("none"), "audio": _is_default(), "modalities": _is_default(["text"]), "prediction": _is_default(),
         "web_search_options": _is_default(), "reasoning_effort": _is_default(), "verbosity": _is_default(),
         "store": _is_default(False), "metadata": _is_default(), "moderation": _is_default(),
     }
@@ -177,6 +212,10 @@ class ChatCompletionRequest(_GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        return self.response_format.structured_output() if self.response_format else None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":

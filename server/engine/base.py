@@ -16,6 +16,15 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """What the reply must be: any JSON object, or JSON valid against `schema` (a JSON string).
+    Both engines decode it with xgrammar as compact JSON (no optional whitespace)."""
+
+    kind: Literal["json_object", "json_schema"]
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """What to sample, with vLLM's meaning for every field (both engines must agree on greedy tokens).
 
@@ -23,7 +32,8 @@ class SamplingParams:
     Penalties follow vLLM: repetition over prompt and output tokens, presence/frequency over output
     tokens. min_tokens: EOS, stop ids and stop strings are ignored until that many tokens exist.
     logprobs: None = none; k = the sampled token's log-probability plus the k most likely (raw
-    log-softmax of the model's logits, before any processing, as vLLM reports them).
+    log-softmax of the model's logits, before any processing but the grammar of `structured`, as
+    vLLM reports them).
     """
 
     max_tokens: int
@@ -41,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    structured: StructuredOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,15 @@ class GenerationOutput:
 
 class EngineError(RuntimeError):
     """The engine failed a request (not the client's fault)."""
+
+
+class RequestRejected(EngineError):
+    """The engine refused a request for what it asks (e.g. a schema it cannot compile): a 400, raised
+    before any output. `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @runtime_checkable

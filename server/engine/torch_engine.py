@@ -19,8 +19,9 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from server.engine.base import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
+from server.engine.base import EngineError, GenerationOutput, GenerationRequest, RequestRejected, TokenLogprob
 from server.engine.detok import IncrementalDetokenizer
+from server.engine.grammar import Constraint, GrammarCompiler, GrammarError
 from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids, load_tokenizer
 from server.engine.sampling import make_generator, prompt_mask, sample_next, token_logprob
 
@@ -38,6 +39,8 @@ class _Active:
     generator: torch.Generator | None
     max_tokens: int
     in_prompt: torch.Tensor | None = None    # prompt ids as a vocabulary mask (repetition penalty)
+    constraint: Constraint | None = None     # the grammar of a structured output
+    stop_ids: tuple[int, ...] = ()           # EOS (unless ignored) and the request's stop ids
     cache: Any = None
     pos: int = 0                             # prompt tokens processed
     generated: list[int] = field(default_factory=list)
@@ -73,6 +76,7 @@ class TorchEngine:
         # ids >= len(tokenizer) are padding rows of the embedding: never sample them
         self.valid_vocab = len(tokenizer)
         self.logits_size = dm.model.get_output_embeddings().weight.shape[0]
+        self.grammars = GrammarCompiler(tokenizer, self.logits_size)
         self._incoming: deque[_Active] = deque()
         self._active: list[_Active] = []
         self._cond = threading.Condition()
@@ -161,6 +165,14 @@ class TorchEngine:
             except RuntimeError:  # the loop is gone: nobody listens any more
                 pass
 
+        sp = request.sampling
+        stop_ids = sp.stop_token_ids if sp.ignore_eos else self.eos_token_ids + sp.stop_token_ids
+        constraint = None
+        if sp.structured is not None:
+            try:
+                constraint = await asyncio.to_thread(self.grammars.constraint, sp.structured, stop_ids)
+            except GrammarError as exc:
+                raise RequestRejected(str(exc), param="response_format") from None
         init = request.memory.initial_state
         state = (self.dm.zero_state(1) if init is None
                  else init.detach().to(self.device, torch.float32).reshape(1, *self.state_shape))
@@ -170,7 +182,8 @@ class TorchEngine:
                                                    min_tokens=request.sampling.min_tokens),
                       generator=make_generator(request.sampling, self.device),
                       max_tokens=max(0, min(request.sampling.max_tokens, room)),
-                      in_prompt=prompt_mask(request.sampling, prompt, self.logits_size, self.device))
+                      in_prompt=prompt_mask(request.sampling, prompt, self.logits_size, self.device),
+                      constraint=constraint, stop_ids=stop_ids)
         with self._cond:
             self._incoming.append(act)
             self._cond.notify()
@@ -317,9 +330,13 @@ class TorchEngine:
         sp = act.req.sampling
         if act.max_tokens == 0:  # prompt fills the context: nothing may be generated
             return self._finish(act, "length", [], "")
-        stop_ids = sp.stop_token_ids if sp.ignore_eos else self.eos_token_ids + sp.stop_token_ids
+        stop_ids = act.stop_ids
+        if act.constraint is not None:
+            logits = act.constraint.mask(logits)
         tok = sample_next(logits, sp, act.generator, self.valid_vocab, in_prompt=act.in_prompt, output=act.generated,
                           stop_ids=stop_ids)
+        if act.constraint is not None:
+            act.constraint.accept(tok)
         logprobs = None if sp.logprobs is None else [token_logprob(logits, tok, sp.logprobs, self.valid_vocab)]
         act.generated.append(tok)
         text = act.detok.add(tok)

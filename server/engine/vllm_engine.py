@@ -21,7 +21,8 @@ from typing import Any, AsyncIterator
 
 import torch
 
-from server.engine.base import EngineError, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
+from server.engine.base import (EngineError, GenerationOutput, GenerationRequest, RequestRejected, SamplingParams,
+                                StructuredOutput, TokenLogprob)
 from server.engine.detok import IncrementalDetokenizer
 from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids, load_tokenizer
 
@@ -118,6 +119,7 @@ class VllmEngine:
     @classmethod
     def from_settings(cls, settings: Any) -> "VllmEngine":
         from transformers import AutoConfig, GenerationConfig
+        from vllm.config import StructuredOutputsConfig
 
         from delta_mem_vllm.adapter import load_adapter
         from delta_mem_vllm.vllm.compat import installed_version
@@ -135,6 +137,8 @@ class VllmEngine:
             generation_config = None
         engine = engine_kwargs(settings.model, settings.adapter, valid_vocab=len(tokenizer),
                                **vllm_engine_settings(settings))
+        # structured outputs exactly as the embedded engine decodes them (server/engine/grammar.py)
+        engine["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         llm = _start_async_llm(engine)
         layers = adapter.layer_names
         return cls(llm, tokenizer, model_name=settings.served_model_name or default_model_name(settings.model),
@@ -264,11 +268,16 @@ class VllmEngine:
         """vLLM's stream for one request; a dead or failing engine becomes an EngineError."""
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+        from delta_mem_vllm.vllm.compat import request_error_types
+
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt}, sampling, key):
                 yield out
         except (EngineDeadError, EngineGenerateError) as exc:
             raise EngineError(f"the vLLM engine failed: {exc}") from exc
+        except request_error_types() as exc:   # vLLM's request validation (e.g. a schema it cannot compile)
+            param = "response_format" if sampling.structured_outputs is not None else None
+            raise RequestRejected(f"vLLM refused the request: {exc}", param=param) from exc
 
     async def _settle(self, final: GenerationOutput, key: str, prompt: list[int], generated: list[int],
                       memory: Any, *, stopped_early: bool) -> None:
@@ -337,7 +346,18 @@ class VllmEngine:
             seed=sp.seed,
             stop_token_ids=list(sp.stop_token_ids) or None, ignore_eos=sp.ignore_eos,
             logit_bias=dict(sp.logit_bias) or None, output_kind=RequestOutputKind.DELTA, detokenize=False,
+            structured_outputs=_structured_outputs(sp.structured),
             extra_args={"kv_transfer_params": kv_transfer_params})
+
+
+def _structured_outputs(spec: StructuredOutput | None) -> Any:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if spec is None:
+        return None
+    if spec.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=spec.schema)
 
 
 def _token_logprob(token: int, entries: dict[int, Any], top: int) -> TokenLogprob:

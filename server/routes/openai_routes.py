@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.context import AppContext, ctx_of, owner_of
-from server.engine.base import EngineError
+from server.engine.base import EngineError, RequestRejected
 from server.errors import APIError, bad_request, not_found
 from server.generation import Turn, decide_max_tokens, resolve_session_id, run_turn, sampling_from
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs
@@ -139,6 +139,8 @@ async def _merged(ctx: AppContext, turns: list[Turn]) -> AsyncIterator[tuple[Tur
 
 
 def _engine_error(exc: BaseException) -> APIError:
+    if isinstance(exc, RequestRejected):
+        return bad_request(str(exc), param=exc.param, code="invalid_value")
     return APIError(500, f"generation failed: {exc}", type="server_error", code="engine_error")
 
 

@@ -4,6 +4,7 @@ the official `openai` client against a real uvicorn server."""
 
 from __future__ import annotations
 
+import json
 import math
 import typing
 
@@ -38,7 +39,7 @@ CHAT_FIELDS: dict[str, typing.Any] = {
 CHAT_HONOURED = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
                  "n", "stream_options", "logit_bias", "frequency_penalty", "presence_penalty", "logprobs",
                  "top_logprobs", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
-                 "prompt_cache_options", "service_tier"}
+                 "prompt_cache_options", "service_tier", "response_format"}
 COMPLETION_FIELDS: dict[str, typing.Any] = {
     "prompt": "The sea", "model": "tiny", "max_tokens": 2, "temperature": 0.5, "top_p": 0.9, "seed": 7,
     "stop": ["\n\n"], "n": 2, "stream_options": None, "logit_bias": {"5": 1.0}, "frequency_penalty": 0.5,
@@ -86,7 +87,7 @@ def test_unknown_fields_and_unimplemented_vllm_extras_are_refused(http):
         assert name in err["message"]
     # a default value of a field we do not implement asks for nothing: accepted
     r = http.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 2, "tools": [], "store": False,
-                                                "tool_choice": "none", "response_format": {"type": "text"}})
+                                                "tool_choice": "none", "modalities": ["text"]})
     assert r.status_code == 200, r.text
     # message fields too: a tool call in an assistant message is not silently dropped
     msgs = [{"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function",
@@ -101,6 +102,52 @@ def test_invalid_values_name_their_field(http):
                         ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"), ({"service_tier": "flex"}, "service_tier"),
                         ({"temperature": "NaN"}, "temperature")]:
         r = http.post("/v1/chat/completions", json={"messages": MSGS, **body})
+        assert_openai_error(r, 400, param=param)
+
+
+# --- structured outputs -------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+          "required": ["color", "ok", "tags"], "additionalProperties": False}
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}}
+
+
+def test_json_schema_replies_validate(client):
+    import jsonschema
+
+    for stream in (False, True):
+        kw = dict(model="tiny", messages=MSGS, max_tokens=80, temperature=0.8, seed=4, response_format=JSON_SCHEMA_FORMAT)
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                           if c.choices)
+        else:
+            reply = client.chat.completions.create(**kw)
+            assert reply.choices[0].finish_reason == "stop"
+            text = reply.choices[0].message.content
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert " " not in text   # compact JSON
+    # several seeds: every draw validates
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=80, temperature=1.0, seed=9, n=3,
+                                       response_format=JSON_SCHEMA_FORMAT)
+    for choice in r.choices:
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+
+def test_json_object_replies_parse(client):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=200, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_bad_response_formats_are_400(http):
+    for fmt, param in [({"type": "json_schema"}, "response_format.json_schema"),
+                       ({"type": "yaml"}, "response_format.type"),
+                       ({"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},
+                        "response_format.json_schema.name"),
+                       ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}},
+                        "response_format")]:
+        r = http.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 4, "response_format": fmt})
         assert_openai_error(r, 400, param=param)
 
 
@@ -273,7 +320,7 @@ def test_chat_template_flag(tiny_paths, tmp_path):
 @requires_vllm
 def test_engines_agree_on_sampling_extras_and_logprobs(request, tiny_paths, tmp_path):
     cases = [{}, {"repetition_penalty": 2.0}, {"frequency_penalty": 1.5, "presence_penalty": 0.5},
-             {"min_tokens": 3, "logit_bias": {"2": 50}}]
+             {"min_tokens": 3, "logit_bias": {"2": 50}}, {"response_format": JSON_SCHEMA_FORMAT, "max_tokens": 40}]
     results = {}
     for engine in ("torch", "vllm"):
         srv = ThreadServer(make_settings(tiny_paths, tmp_path / engine, engine=engine),
@@ -282,9 +329,9 @@ def test_engines_agree_on_sampling_extras_and_logprobs(request, tiny_paths, tmp_
             client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
             results[engine] = []
             for extra in cases:
-                r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8, temperature=0,
-                                                   logprobs=True, top_logprobs=2,
-                                                   extra_body={"return_token_ids": True, **extra})
+                extra = {"max_tokens": 8, **extra}
+                r = client.chat.completions.create(model="tiny", messages=MSGS, temperature=0, logprobs=True,
+                                                   top_logprobs=2, extra_body={"return_token_ids": True, **extra})
                 choice = r.choices[0]
                 results[engine].append((choice.model_extra["token_ids"],
                                         [(e.logprob, [t.token for t in e.top_logprobs]) for e in choice.logprobs.content]))
