@@ -111,7 +111,7 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
         ctx.sessions = SessionManager(
             store,
             EngineIdentity(tuple(eng.state_shape), list(eng.layer_names), eng.adapter_fingerprint,
-                           eng.model_fingerprint, eng.zero_state),
+                           eng.model_fingerprint, eng.zero_state, vocab_size=len(eng.tokenizer)),
             auto_create=settings.auto_create_sessions, default_ttl=settings.session_ttl,
             wait_timeout=settings.session_wait_timeout, message_log_max=settings.message_log_max,
             keep_written_tokens=settings.record_written_tokens,

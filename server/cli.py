@@ -7,6 +7,7 @@ environment variable (`DELTAMEM_STATE_DIR`); flags win over the environment.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import types
@@ -22,13 +23,28 @@ from server.settings import Settings
 
 class GracefulServer(uvicorn.Server):
     """SIGTERM/SIGINT → graceful shutdown (stop accepting, grace period for in-flight turns, persist
-    dirty states), then exit 0. Plain uvicorn re-raises the signal afterwards, which reads as a crash."""
+    dirty states), then exit 0. Plain uvicorn re-raises the signal afterwards, which reads as a crash.
+    Turns still running near the end of the grace period are stopped with a 503 (an error event on a
+    stream) rather than cut off when uvicorn cancels them."""
+
+    def __init__(self, config: uvicorn.Config, draining: asyncio.Event | None = None) -> None:
+        super().__init__(config)
+        self._draining = draining
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
         captured = getattr(self, "_captured_signals", None)
         if isinstance(captured, list):
             captured.clear()
+        if self._draining is not None and self._loop is not None:
+            grace = self.config.timeout_graceful_shutdown or 0.0
+            delay = max(0.0, grace - min(2.0, grace / 2))   # leave time to send the error events
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._draining.set)
 
 
 def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
@@ -131,7 +147,7 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace, lifespan="on")
-    server = GracefulServer(config)
+    server = GracefulServer(config, draining=app.state.ctx.draining)
     server.run()
     return 0 if server.started else 1
 

@@ -3,6 +3,7 @@ factory so that routes import it without importing the app that includes them.""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ class AppContext:
     sessions: SessionManager | None = None
     started_at: float = field(default_factory=time.time)
     accepting: bool = False
+    # set when shutdown's grace period is nearly over: running turns stop (not committed) and say so
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     def require_ready(self) -> None:
         if not self.accepting or self.engine is None or self.sessions is None:

@@ -7,6 +7,7 @@ as OpenAI returns them.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,7 +36,17 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": redact_paths(self.message), "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+# an absolute filesystem path (two components or more), but not one of our own URL paths
+_PATH = re.compile(r"(?<![\w/.])/(?!v1/)(?:[^\s'\",:;()\[\]]+/)+[^\s'\",:;()\[\]]*")
+
+
+def redact_paths(message: str) -> str:
+    """Client-facing messages never show where the server keeps its files (the log has them)."""
+    return _PATH.sub("<path>", message)
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
@@ -51,6 +62,8 @@ def conflict(message: str, *, code: str | None = None, param: str | None = None)
 
 
 def error_response(err: APIError) -> JSONResponse:
+    if err.status >= 500:
+        log.warning("%d %s: %s", err.status, err.code, err.message)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 

@@ -148,6 +148,28 @@ class Turn:
         return info
 
 
+async def _until_draining(outputs: AsyncIterator[GenerationOutput],
+                          draining: asyncio.Event) -> AsyncIterator[GenerationOutput]:
+    """The engine's outputs, until the server drains for shutdown: then a 503 instead of a cut stream."""
+    stop = asyncio.ensure_future(draining.wait())
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(outputs))
+            await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+                raise APIError(503, "the server is shutting down: this turn was stopped before it finished and "
+                                    "nothing was committed; send it again", code="shutting_down")
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stop.cancel()
+
+
 async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
     """Engine outputs for the turn; the final one is yielded only after the commit succeeded."""
     engine, metrics = ctx.engine, ctx.metrics
@@ -157,7 +179,7 @@ async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
     metrics.active.inc()
     try:
         async with contextlib.aclosing(engine.generate(req)) as outputs:
-            async for out in outputs:
+            async for out in _until_draining(outputs, ctx.draining):
                 if out.token_ids and not turn.token_ids:
                     metrics.ttft.labels(turn.kind).observe(time.perf_counter() - t0)
                 turn.token_ids.extend(out.token_ids)

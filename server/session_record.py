@@ -7,6 +7,7 @@ the state tensor, and both are written by one store.put, so a turn commits atomi
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -70,3 +71,52 @@ class SessionRecord:
         self.tokens_written += len(token_ids)
         if keep_tokens:
             self.written_token_ids = (self.written_token_ids or []) + list(token_ids)
+
+
+MAX_PENDING = 64   # a turn leaves one pending token; more only from a crafted document
+_LOG_ENTRY = re.compile(r"^[a-z]+:[0-9a-f]{32}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def memory_record_problem(data: dict[str, Any], vocab_size: int | None) -> str | None:
+    """What is wrong with the memory bookkeeping of an imported record, or None.
+
+    An import may only carry bookkeeping that a later turn can use as it is: counters that are
+    counts, a digest, log entries as sessions write them, token ids of this vocabulary, and a
+    written-token list (when present) that is the stream the digest and the count describe.
+    """
+    def count(name: str) -> str | None:
+        value = data.get(name, 0)
+        return None if type(value) is int and value >= 0 else f"{name} must be a non-negative integer"
+
+    def token_ids(name: str, values: Any) -> str | None:
+        if not isinstance(values, list) or any(type(t) is not int for t in values):
+            return f"{name} must be a list of token ids"
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in values):
+            return f"{name} has token ids outside the vocabulary [0, {vocab_size})"
+        return None
+
+    for problem in (count("turns"), count("tokens_written")):
+        if problem:
+            return problem
+    if not isinstance(data.get("written_digest", EMPTY_DIGEST), str) or not _DIGEST.match(
+            data.get("written_digest", EMPTY_DIGEST)):
+        return "written_digest must be 64 hex digits"
+    for name in ("message_log", "written_system"):
+        entries = data.get(name, [])
+        if not isinstance(entries, list) or any(not isinstance(e, str) or not _LOG_ENTRY.match(e) for e in entries):
+            return f"{name} must be a list of 'role:digest' entries"
+    pending = data.get("pending_token_ids", [])
+    problem = token_ids("pending_token_ids", pending)
+    if problem or len(pending) > MAX_PENDING:
+        return problem or f"pending_token_ids has more than {MAX_PENDING} tokens"
+    written = data.get("written_token_ids")
+    if written is not None:
+        problem = token_ids("written_token_ids", written)
+        if problem:
+            return problem
+        if len(written) != data.get("tokens_written", 0):
+            return "written_token_ids does not have tokens_written entries"
+        if extend_digest(EMPTY_DIGEST, written) != data.get("written_digest", EMPTY_DIGEST):
+            return "written_token_ids does not match written_digest"
+    return None

@@ -29,9 +29,13 @@ from delta_mem_vllm.state import (
 from server.engine.base import GenerationOutput
 from server.errors import APIError, bad_request, conflict, not_found
 from server.prompt import ChatMessage, TurnTokens, build_chat_turn, build_text_turn, split_messages
-from server.session_record import SessionRecord
+from server.session_record import SessionRecord, memory_record_problem
 
 log = logging.getLogger("deltamem.sessions")
+
+
+# far beyond any state a turn produces (the gates keep states small), well inside fp32 and bf16 range
+MAX_STATE_ABS = 1e6
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class EngineIdentity:
     adapter_fingerprint: str
     model_fingerprint: str
     zero_state: Callable[[], torch.Tensor]
+    vocab_size: int | None = None          # imported token ids must be below it
 
 
 def check_session_id(session_id: Any, param: str = "session_id") -> str:
@@ -298,15 +303,14 @@ class SessionManager:
                 yield key, SessionRecord.from_dict(data)
 
     async def list(self, owner: str, *, limit: int = 100, after: str | None = None) -> tuple[list[SessionRecord], bool]:
-        """The owner's live sessions, newest first; (page, has_more)."""
+        """The owner's live sessions in id order; (page, has_more). The cursor is a position, not a
+        session: paging goes on from it even when that session was deleted meanwhile."""
         def scan() -> list[SessionRecord]:
             now = self.clock()
-            return [rec for _, rec in self._records() if rec.owner == owner and not rec.expired(now)]
+            return [rec for _, rec in self._records() if rec.owner == owner and not rec.expired(now)
+                    and (after is None or rec.session_id > after)]
 
-        recs = sorted(await asyncio.to_thread(scan), key=lambda r: (-r.created_at, r.session_id))
-        if after is not None:
-            ids = [r.session_id for r in recs]
-            recs = recs[ids.index(after) + 1:] if after in ids else []
+        recs = sorted(await asyncio.to_thread(scan), key=lambda r: r.session_id)
         return recs[:limit], len(recs) > limit
 
     async def delete(self, owner: str, session_id: str) -> None:
@@ -401,10 +405,19 @@ class SessionManager:
             raise conflict(f"state does not fit the loaded adapter: {exc}", code="adapter_mismatch") from exc
         except StateFormatError as exc:
             raise bad_request(f"invalid state document: {exc}", code="invalid_state") from exc
-        try:
-            src = SessionRecord.from_dict(snap.record) if snap.record.get("session_id") else None
-        except TypeError:
-            src = None
+        peak = float(snap.state.abs().max()) if snap.state.numel() else 0.0
+        if peak > MAX_STATE_ABS:
+            raise bad_request(f"invalid state document: state values reach {peak:.3g}, beyond any state a turn "
+                              f"produces (|x| <= {MAX_STATE_ABS:g})", code="invalid_state")
+        src = None
+        if snap.record.get("session_id"):   # a whole record: its memory bookkeeping comes along
+            problem = memory_record_problem(snap.record, ident.vocab_size)
+            if problem:
+                raise bad_request(f"invalid state document: record: {problem}", code="invalid_state")
+            try:
+                src = SessionRecord.from_dict(snap.record)
+            except TypeError as exc:
+                raise bad_request(f"invalid state document: record: {exc}", code="invalid_state") from exc
 
         def change(rec: SessionRecord, _: torch.Tensor) -> tuple[SessionRecord, torch.Tensor]:
             rec.clear_memory()

@@ -324,3 +324,16 @@ def test_storage_key_hashing() -> None:
         validate_storage_key("s1")
     with pytest.raises(ValueError, match="storage key"):
         validate_storage_key("../" + "a" * 61)
+
+
+def test_the_same_snapshot_always_encodes_to_the_same_bytes() -> None:
+    """Export is deterministic: no clock in the manifest, no map order in the safetensors header."""
+    from delta_mem_vllm.state.format import encode_snapshot
+
+    snap = make_snapshot(layers=4)
+    snap.record["last_used_at"] = 1234.5
+    first = encode_snapshot(snap)
+    for _ in range(20):
+        assert encode_snapshot(snap) == first
+    assert first[1]["updated_at"] == 1234.5
+    assert decode_snapshot(*first).state.equal(snap.state)

@@ -165,12 +165,21 @@ def validate_snapshot(s: Snapshot) -> None:
         raise StateFormatError("Snapshot.state contains NaN or Inf; refusing to store a non-finite state")
 
 
-def _timestamp(record: dict[str, Any], now: float) -> float:
-    for key in ("created_at", "created"):
+def _timestamp(record: dict[str, Any], now: float, keys: tuple[str, ...] = ("created_at", "created")) -> float:
+    for key in keys:
         v = record.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             return float(v)
     return now
+
+
+def _canonical(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted: the library writes its metadata map in
+    a per-process random order, and the same state must always give the same bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)   # the format aligns the tensor data to 8 bytes
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def encode_snapshot(s: Snapshot) -> tuple[bytes, dict[str, Any]]:
@@ -179,8 +188,11 @@ def encode_snapshot(s: Snapshot) -> tuple[bytes, dict[str, Any]]:
     cpu = s.state.detach().to("cpu")
     # One tensor per layer (clone: safetensors refuses views that share one storage).
     tensors = {name: cpu[i].clone().contiguous() for i, name in enumerate(s.layer_names)}
-    data = _st_save(tensors, metadata={"format": "delta-mem-state", "format_version": str(FORMAT_VERSION)})
-    now = time.time()
+    data = _canonical(_st_save(tensors, metadata={"format": "delta-mem-state", "format_version": str(FORMAT_VERSION)}))
+    # times from the snapshot, not the clock where it has them: the same snapshot, the same bytes
+    updated = s.updated_at if s.updated_at is not None else _timestamp(s.record, time.time(),
+                                                                       ("last_used_at", "updated_at"))
+    created = s.created_at if s.created_at is not None else _timestamp(s.record, updated)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "adapter_fingerprint": s.adapter_fingerprint,
@@ -190,8 +202,8 @@ def encode_snapshot(s: Snapshot) -> tuple[bytes, dict[str, Any]]:
         "dtype": DTYPE,
         "sha256": hashlib.sha256(data).hexdigest(),
         "nbytes": len(data),
-        "created_at": s.created_at if s.created_at is not None else _timestamp(s.record, now),
-        "updated_at": now,
+        "created_at": created,
+        "updated_at": updated,
         "record": copy.deepcopy(s.record),
     }
     manifest[_MANIFEST_CHECKSUM_FIELD] = manifest_checksum(manifest)

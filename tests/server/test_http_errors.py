@@ -167,3 +167,14 @@ def test_junk_bodies_never_500(alice):
             assert r.status_code < 500, (path, junk, r.text)
             if r.status_code >= 400:
                 assert_openai_error(r, r.status_code)
+
+
+def test_client_errors_carry_no_server_paths():
+    from server.errors import APIError, redact_paths
+
+    err = APIError(503, "could not persist the session state: [Errno 28] No space left: '/srv/state/ab/cd.json'",
+                   code="persist_failed")
+    assert err.body()["error"]["message"] == "could not persist the session state: [Errno 28] No space left: '<path>'"
+    for kept in ("as returned by GET /v1/sessions/{id}/state", "top_p must be in (0, 1]", "a/b ratio 1/2",
+                 "http://127.0.0.1:8000/v1/models"):
+        assert redact_paths(kept) == kept

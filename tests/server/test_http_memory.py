@@ -168,6 +168,37 @@ def test_export_import(http, server):
     assert_openai_error(http.put("/v1/sessions/exp-dst/state", json=[1, 2]), 400)
 
 
+def test_crafted_imports_are_refused_whole(http, server):
+    """A crafted document is a 400 and changes nothing; the session keeps serving turns."""
+    src = "craft-src"
+    chat(http, [{"role": "user", "content": TURNS[0]}], src)
+    doc = http.get(f"/v1/sessions/{src}/state").json()
+    snap = import_document(doc)
+    vocab = len(server.ctx.engine.tokenizer)
+
+    def crafted(state=None, **record):
+        return export_document(Snapshot(snap.state if state is None else state, {**snap.record, **record},
+                                        snap.adapter_fingerprint, snap.layer_names, snap.model_fingerprint))
+
+    bad = [crafted(pending_token_ids=[vocab + 5]), crafted(pending_token_ids=["7"]), crafted(tokens_written=-1),
+           crafted(turns=1.5), crafted(written_digest="xyz"), crafted(message_log=["user:" + "0" * 5]),
+           crafted(pending_token_ids=list(range(100))), crafted(state=snap.state * 1e9),
+           crafted(written_token_ids=[1, 2, 3])]
+    before = export_state(http, src)
+    version = http.get(f"/v1/sessions/{src}").json()["version"]
+    for document in bad:
+        err = assert_openai_error(http.put(f"/v1/sessions/{src}/state", json=document), 400, "invalid_state")
+        assert "/" not in err["message"].replace("/v1/", "")   # no server paths in client errors
+    assert torch.equal(export_state(http, src), before)
+    assert http.get(f"/v1/sessions/{src}").json()["version"] == version
+    assert chat(http, [{"role": "user", "content": TURNS[1]}], src)["choices"][0]["finish_reason"] == "length"
+    # the document as exported imports, and exporting it again gives the same bytes
+    assert http.put("/v1/sessions/craft-dst/state", json=doc).status_code == 200
+    again = http.get("/v1/sessions/craft-dst/state").json()
+    assert again["data"] == doc["data"] and again["manifest"]["sha256"] == doc["manifest"]["sha256"]
+    assert http.get("/v1/sessions/craft-dst/state").content == http.get("/v1/sessions/craft-dst/state").content
+
+
 def test_session_api_objects_listing_delete_and_ttl(http, server):
     r = http.post("/v1/sessions", json={"id": "api-1", "ttl": 3600, "metadata": {"user": "ada"}})
     assert r.status_code == 200, r.text
@@ -189,6 +220,22 @@ def test_session_api_objects_listing_delete_and_ttl(http, server):
     assert len(page["data"]) == 2 and page["has_more"]
     nxt = http.get("/v1/sessions", params={"limit": 2, "after": page["last_id"]}).json()
     assert not {x["id"] for x in nxt["data"]} & {x["id"] for x in page["data"]}
+    # paging goes on when the cursor's session is deleted meanwhile: nothing is skipped
+    for i in range(5):
+        assert http.post("/v1/sessions", json={"id": f"page-{i}"}).status_code == 200
+    everything = [x["id"] for x in http.get("/v1/sessions", params={"limit": 1000}).json()["data"]]
+    assert everything == sorted(everything)
+    seen, after = [], None
+    while True:
+        params = {"limit": 2, **({"after": after} if after else {})}
+        page = http.get("/v1/sessions", params=params).json()
+        seen += [x["id"] for x in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+        if after == "page-1":
+            assert http.delete("/v1/sessions/page-1").status_code == 200
+    assert seen == everything
     d = http.delete("/v1/sessions/api-1")
     assert d.status_code == 200 and d.json() == {"id": "api-1", "object": "session.deleted", "deleted": True}
     assert_openai_error(http.get("/v1/sessions/api-1"), 404, "session_not_found")

@@ -122,3 +122,27 @@ def test_restart_kill9_and_corrupted_states(engine, tiny_paths, tmp_path, proc_s
         names = sorted(p.name for p in d.iterdir())
         assert len(names) == 2 and names[0] == "manifest.json" and names[1].startswith("state-"), names
         json.loads((d / "manifest.json").read_text())
+
+
+def test_a_stream_outlasting_the_grace_period_ends_with_an_error_event(tiny_paths, tmp_path, proc_servers):
+    model_dir, _ = tiny_paths
+    srv = ProcServer(["--demo", "--demo-dir", str(model_dir.parent), "--state-dir", str(tmp_path / "state"),
+                      "--served-model-name", "tiny", "--shutdown-grace", "1", "--engine", "torch"],
+                     tmp_path / "server.log")
+    proc_servers.append(srv)
+    srv.start()
+    body = {"model": "tiny", "messages": TURNS[0], "max_tokens": 4000, "ignore_eos": True, "stream": True,
+            "session_id": "long"}
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            it = r.iter_lines()
+            lines = [next(it) for _ in range(3)]
+            srv.proc.send_signal(signal.SIGTERM)
+            lines += [ln for ln in it if ln]
+    assert srv.proc.wait(timeout=30) == 0
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["code"] == "shutting_down" and "nothing was committed" in error["message"]
+    assert not any('"finish_reason":"length"' in ln for ln in lines)
+    stored = FilesystemBackend(tmp_path / "state", clean_on_start=False).get(storage_key("", "long"))
+    assert stored is None or (stored.record["version"] == 0 and not stored.state.any())
