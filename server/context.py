@@ -32,6 +32,20 @@ class AppContext:
     # set when shutdown's grace period is nearly over: running turns stop (not committed) and say so
     draining: asyncio.Event = field(default_factory=asyncio.Event)
 
+    _longest_token: int | None = None
+
+    async def longest_token_bytes(self) -> int:
+        """UTF-8 length of the vocabulary's longest token (computed once, off the event loop)."""
+        if self._longest_token is None:
+            tok = self.engine.tokenizer
+
+            def longest() -> int:
+                return max((len(t.encode("utf-8", "replace")) for t in tok.convert_ids_to_tokens(list(range(len(tok))))
+                            if t is not None), default=1)
+
+            self._longest_token = await asyncio.to_thread(longest)
+        return self._longest_token
+
     def require_ready(self) -> None:
         if not self.accepting or self.engine is None or self.sessions is None:
             raise APIError(503, "server is starting or shutting down", code="unavailable")

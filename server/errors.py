@@ -67,11 +67,15 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def _validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
     errors = exc.errors()
     if not errors:
         return bad_request("invalid request")
     first = errors[0]
+    if tuple(first.get("loc", ())) == ("body",) and isinstance(first.get("input"), (bytes, str)) and \
+            "json" not in (content_type or ""):   # FastAPI parses JSON only when the type says so
+        return bad_request(f"the request body must be JSON sent with Content-Type: application/json (got "
+                           f"{content_type or 'no Content-Type'})", code="invalid_content_type")
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
@@ -101,8 +105,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(_validation_error(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(_validation_error(exc, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -60,6 +60,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where in a JSON value a string holds an unpaired surrogate (JSON allows the escape; no
+    tokenizer can encode it), as a dotted path; None when there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or None
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = lone_surrogate_at(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def refuse_lone_surrogates(data: Any) -> None:
+    where = lone_surrogate_at(data)
+    if where is not None:
+        raise PydanticCustomError("invalid_value", "text must be valid Unicode: a lone UTF-16 surrogate "
+                                  "(an unpaired \\ud800–\\udfff escape) is not a character", {"param": where})
+
+
 def _is_default(*allowed: Any) -> Callable[[Any], bool]:
     return lambda v: v is None or any(v == a for a in allowed)
 
@@ -109,6 +133,7 @@ class _GenerationBody(BaseModel):
     def _refuse_unimplemented(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        refuse_lone_surrogates(data)
         for name, is_default in cls._UNSUPPORTED.items():
             if name in data and not is_default(data[name]):
                 raise PydanticCustomError("unsupported_parameter", "unsupported parameter: '{param}' is not implemented by this server",

@@ -60,7 +60,7 @@ async def _prepare(ctx: AppContext, owner: str, body: _GenerationBody, session_i
                 ctx.metrics.session_busy.inc()
             raise
     try:
-        tokens = plan(session)
+        tokens = await asyncio.to_thread(plan, session)   # rendering and tokenising: off the event loop
         engine = ctx.engine
         max_tokens = decide_max_tokens(requested, default, len(tokens.token_ids), engine.max_model_len,
                                        prompt_param)
@@ -196,6 +196,8 @@ async def _chat(ctx: AppContext, request: Request, owner: str, body: ChatComplet
         messages = [ChatMessage(m.role, m.text()) for m in body.messages]
     except ValueError as exc:
         raise bad_request(str(exc), param="messages", code="invalid_value") from None
+    await _refuse_surely_too_long(ctx, sum(len(m.content.encode("utf-8", "surrogatepass")) for m in messages),
+                                  "messages")
     tok = ctx.engine.tokenizer
 
     def plan(session: SessionTurn | None) -> TurnTokens:
@@ -287,6 +289,17 @@ async def _chat_events(ctx: AppContext, turns: list[Turn], model: str, include_u
 
 
 # --- completions ----------------------------------------------------------------------------------
+async def _refuse_surely_too_long(ctx: AppContext, text_bytes: int, param: str) -> None:
+    """400 before tokenising when the text cannot fit: no token covers more than the vocabulary's
+    longest token, so the prompt has at least text_bytes / longest tokens."""
+    longest = await ctx.longest_token_bytes()
+    at_least = text_bytes // max(1, longest)
+    if at_least > ctx.engine.max_model_len:
+        raise APIError(400, f"this model's maximum context length is {ctx.engine.max_model_len} tokens; the "
+                            f"{param} has at least {at_least} tokens ({text_bytes} bytes of text). Shorten the {param}.",
+                       param=param, code="context_length_exceeded")
+
+
 def _prompt_ids(ctx: AppContext, prompt: Any) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -316,7 +329,9 @@ async def completions(body: CompletionRequest, request: Request, owner: str = De
 
 async def _complete(ctx: AppContext, request: Request, owner: str, body: CompletionRequest, model: str,
                     sid: str | None) -> Response:
-    ids = _prompt_ids(ctx, body.prompt)
+    if isinstance(body.prompt, str):
+        await _refuse_surely_too_long(ctx, len(body.prompt.encode("utf-8", "surrogatepass")), "prompt")
+    ids = await asyncio.to_thread(_prompt_ids, ctx, body.prompt)
 
     def plan(session: SessionTurn | None) -> TurnTokens:
         gran = ctx.engine.write_granularity

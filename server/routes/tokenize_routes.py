@@ -6,12 +6,12 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.context import AppContext, ctx_of, owner_of
 from server.errors import bad_request, not_found
 from server.prompt import ChatMessage, render
-from server.schemas import ChatMessageIn
+from server.schemas import ChatMessageIn, refuse_lone_surrogates
 
 router = APIRouter()
 
@@ -26,6 +26,12 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        refuse_lone_surrogates(data)
+        return data
 
 
 class DetokenizeRequest(BaseModel):

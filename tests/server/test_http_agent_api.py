@@ -341,3 +341,36 @@ def test_engines_agree_on_sampling_extras_and_logprobs(request, tiny_paths, tmp_
         assert ids_v == ids_t
         for (a, tops_a), (b, tops_b) in zip(lp_t, lp_v):
             assert math.isclose(a, b, abs_tol=1e-4) and tops_a == tops_b
+
+
+# --- large requests ---------------------------------------------------------------------------------
+def test_a_huge_prompt_is_refused_without_freezing_the_server(server):
+    """20 MB of text cannot fit the context: refused before tokenising, and /health answers meanwhile."""
+    import threading
+    import time
+
+    huge = {"model": "tiny", "messages": [{"role": "user", "content": "lorem ipsum dolor " * 1_150_000}]}
+    result: dict = {}
+
+    def send() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            t0 = time.perf_counter()
+            result["response"] = c.post("/v1/chat/completions", json=huge)
+            result["seconds"] = time.perf_counter() - t0
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    health = []
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        while sender.is_alive():
+            t0 = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            health.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+    sender.join()
+    err = assert_openai_error(result["response"], 400, "context_length_exceeded", param="messages")
+    assert "at least" in err["message"]
+    # tokenising 20 MB takes tens of seconds here; the refusal and every health check are far quicker
+    assert result["seconds"] < 10 and max(health, default=0) < 5, (result["seconds"], max(health, default=0))
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "x" * 20_000_000}, timeout=120)
+    assert_openai_error(r, 400, "context_length_exceeded", param="prompt")

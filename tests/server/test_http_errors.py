@@ -178,3 +178,22 @@ def test_client_errors_carry_no_server_paths():
     for kept in ("as returned by GET /v1/sessions/{id}/state", "top_p must be in (0, 1]", "a/b ratio 1/2",
                  "http://127.0.0.1:8000/v1/models"):
         assert redact_paths(kept) == kept
+
+
+def test_error_messages_say_what_is_wrong(alice):
+    def post(raw: bytes, headers: dict | None = None) -> httpx.Response:
+        return alice.post("/v1/chat/completions", content=raw,
+                          headers={"content-type": "application/json"} if headers is None else headers)
+
+    surrogate = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'
+    err = assert_openai_error(post(surrogate), 400, param="messages.0.content")
+    assert "surrogate" in err["message"]
+    stop = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}'
+    assert_openai_error(post(stop), 400, param="stop.0")
+    nan = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
+    err = assert_openai_error(post(nan), 400, param="temperature")
+    assert "finite" in err["message"]
+    good = json.dumps(body()).encode()
+    for headers in ({}, {"content-type": "text/plain"}):
+        err = assert_openai_error(post(good, headers), 400)
+        assert "application/json" in err["message"], err
