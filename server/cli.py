@@ -118,6 +118,15 @@ def startup_problem(settings: Settings) -> str | None:
     for flag, value in (("--model", settings.model), ("--adapter", settings.adapter)):
         if _local_path(value) and not Path(value).expanduser().is_dir():
             return f"{flag} {value}: no such directory"
+    if settings.tool_call_parser != "hermes":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return f"--tool-call-parser {settings.tool_call_parser}: only hermes is built in; the others are vLLM's"
+        from vllm.tool_parsers import ToolParserManager
+
+        if settings.tool_call_parser not in ToolParserManager.list_registered():
+            return f"--tool-call-parser {settings.tool_call_parser}: vLLM has no parser of that name"
     if settings.state_backend == "redis" and not settings.redis_url:
         return "--state-backend redis needs --redis-url (or DELTAMEM_REDIS_URL)"
     if settings.state_backend == "filesystem" and settings.state_dir.exists() and not settings.state_dir.is_dir():

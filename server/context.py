@@ -4,6 +4,7 @@ factory so that routes import it without importing the app that includes them.""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,20 @@ class AppContext:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     _longest_token: int | None = None
+    _tool_parser: Any = None
+
+    def tool_parser(self) -> Any:
+        """The parser that reads tool calls back from replies (--tool-call-parser)."""
+        if self._tool_parser is None:
+            if importlib.util.find_spec("vllm") is not None:   # vLLM's own parsers wherever vLLM is installed
+                from server.engine.vllm_tools import VllmToolParser
+
+                self._tool_parser = VllmToolParser(self.settings.tool_call_parser, self.engine.tokenizer)
+            else:
+                from server.tools import HermesToolParser
+
+                self._tool_parser = HermesToolParser()
+        return self._tool_parser
 
     async def longest_token_bytes(self) -> int:
         """UTF-8 length of the vocabulary's longest token (computed once, off the event loop)."""

@@ -20,6 +20,7 @@ from server.errors import APIError, bad_request
 from server.prompt import ChatMessage, TurnTokens
 from server.schemas import _GenerationBody
 from server.sessions import SessionTurn
+from server.tools import ToolCall, ToolUse
 
 
 SEED_MASK = 2**64 - 1   # branch seeds wrap around within the range every engine accepts
@@ -96,6 +97,8 @@ class Turn:
     final: GenerationOutput | None = None
     committed: bool = False
     index: int = 0                    # the choice index among n branches
+    tool_use: ToolUse | None = None   # tools were offered: how the reply is read back
+    _reply: tuple[str | None, list[ToolCall]] | None = field(default=None, repr=False)
     # branches of one request share its session; the last one to finish releases it
     _holders: list[int] = field(default_factory=lambda: [1], repr=False)
     _released: bool = field(default=False, repr=False)
@@ -112,6 +115,22 @@ class Turn:
     def text(self) -> str:
         """The reply so far (what the client has been sent)."""
         return "".join(self.pieces)
+
+    def reply(self) -> tuple[str | None, list[ToolCall]]:
+        """The finished reply as (content, tool calls), read once (tool call ids are made here)."""
+        if self._reply is None:
+            self._reply = self.tool_use.read(self.text) if self.tool_use is not None else (self.text, [])
+        return self._reply
+
+    def reply_message(self) -> ChatMessage:
+        content, calls = self.reply()
+        return ChatMessage("assistant", content or "", tuple(calls))
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.final is None:
+            return None
+        return "tool_calls" if self.reply()[1] else self.final.finish_reason
 
     def release(self) -> None:
         if self._released:
@@ -193,7 +212,7 @@ async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
                     metrics.prompt_tokens.inc(out.prompt_tokens)
                     metrics.generation_tokens.inc(out.completion_tokens)
                     if turn.session is not None and turn.write:
-                        reply = ChatMessage("assistant", turn.text) if turn.kind == "chat" else None
+                        reply = turn.reply_message() if turn.kind == "chat" else None
                         await turn.session.commit(out, reply)
                         turn.committed = True
                         metrics.written_tokens.inc(len(out.written_token_ids or ()))

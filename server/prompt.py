@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from delta_mem_vllm.segments import chat_segment_ids, common_prefix_len
+from server.tools import ToolCall
 
 SYSTEM_ROLES = ("system", "developer")
 
@@ -26,6 +27,8 @@ class ChatMessage:
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()     # an assistant message that called tools
+    tool_call_id: str | None = None           # a tool message: the call it answers
 
     @property
     def is_system(self) -> bool:
@@ -33,12 +36,20 @@ class ChatMessage:
 
     def log_entry(self) -> str:
         """Compact, order-sensitive identity of the message in a session's written log."""
-        digest = hashlib.sha256(f"{self.role}\0{self.content}".encode()).hexdigest()[:32]
+        blob = f"{self.role}\0{self.content}"
+        if self.tool_calls or self.tool_call_id:
+            blob += "\0" + "\0".join(c.identity() for c in self.tool_calls) + f"\0{self.tool_call_id}"
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:32]
         return f"{self.role}:{digest}"
 
-    def template_dict(self) -> dict[str, str]:
+    def template_dict(self) -> dict[str, Any]:
         # "developer" is OpenAI's new name for the system role; chat templates know "system"
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True)
@@ -87,17 +98,32 @@ def split_messages(messages: Sequence[ChatMessage], message_log: Sequence[str],
     return min(first_new, len(messages) - 1)
 
 
-def render(tokenizer: Any, messages: Sequence[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """Chat template → token ids (no BOS games: the template decides)."""
+def render(tokenizer: Any, messages: Sequence[ChatMessage], add_generation_prompt: bool,
+           tools: Sequence[dict[str, Any]] = ()) -> list[int]:
+    """Chat template → token ids (no BOS games: the template decides); `tools` as OpenAI sends them."""
     if not messages:
         return []
+    extra = {"tools": list(tools)} if tools else {}
     ids = tokenizer.apply_chat_template([m.template_dict() for m in messages], tokenize=True,
-                                        add_generation_prompt=add_generation_prompt, return_dict=False)
+                                        add_generation_prompt=add_generation_prompt, return_dict=False, **extra)
     return list(ids)
 
 
+def tools_prefix_len(tokenizer: Any, tools: Sequence[dict[str, Any]]) -> int:
+    """Tokens the template renders for a tool list ahead of the first message: what two different
+    one-message conversations share with the tools, less what they share without (the start every
+    message has), so that the block ends on a message boundary."""
+    def shared(with_tools: Sequence[dict[str, Any]]) -> int:
+        a = render(tokenizer, [ChatMessage("user", "\x00")], add_generation_prompt=False, tools=with_tools)
+        b = render(tokenizer, [ChatMessage("assistant", "\x01")], add_generation_prompt=False, tools=with_tools)
+        return common_prefix_len(a, b)
+
+    return max(0, shared(tools) - shared(()))
+
+
 def build_chat_turn(tokenizer: Any, messages: Sequence[ChatMessage], first_new: int,
-                    pending: Sequence[int] = (), granularity: str = "token") -> TurnTokens:
+                    pending: Sequence[int] = (), granularity: str = "token",
+                    tools: Sequence[dict[str, Any]] = (), tools_written: bool = False) -> TurnTokens:
     """Token ids of a chat turn: context-only prefix, then pending tokens, then the new part.
 
     The context length is the rendering of messages[:first_new]; if a template does not render
@@ -105,11 +131,14 @@ def build_chat_turn(tokenizer: Any, messages: Sequence[ChatMessage], first_new: 
     Segment-write adapters also get segment ids: the pending tokens form the first segment, then
     each new message (or sentence) one, as the reference assigns them; the generation prompt none.
     """
-    full = render(tokenizer, messages, add_generation_prompt=True)
+    full = render(tokenizer, messages, add_generation_prompt=True, tools=tools)
     n_ctx = 0
     if first_new > 0:
-        ctx = render(tokenizer, messages[:first_new], add_generation_prompt=False)
+        ctx = render(tokenizer, messages[:first_new], add_generation_prompt=False, tools=tools)
         n_ctx = len(ctx) if full[:len(ctx)] == ctx else common_prefix_len(full, ctx)
+    elif tools and tools_written:   # only new messages, behind a tool list written before: that is context
+        n_ctx = min(tools_prefix_len(tokenizer, tools), common_prefix_len(full, render(
+            tokenizer, [messages[0]], add_generation_prompt=False, tools=tools)))
     pend = list(pending)
     turn = TurnTokens(token_ids=full[:n_ctx] + pend + full[n_ctx:], write_start=n_ctx,
                       num_context=n_ctx, num_pending=len(pend))

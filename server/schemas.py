@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from server.engine.base import StructuredOutput
+from server.prompt import ChatMessage
+from server.tools import ToolCall, forced_calls_schema
 
 MAX_SEED = 2**64 - 1
 MIN_SEED = -(2**63)
@@ -34,12 +36,43 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant message, as the server returned it."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCallIn] | None = None     # assistant messages
+    tool_call_id: str | None = None                # tool messages: the call this result answers
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> "ChatMessageIn":
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("invalid_value", "only assistant messages have tool_calls",
+                                      {"param": "tool_calls"})
+        if self.role == "tool" and not self.tool_call_id:
+            raise PydanticCustomError("invalid_value", "a tool message needs the tool_call_id it answers",
+                                      {"param": "tool_call_id"})
+        return self
+
+    def to_message(self) -> ChatMessage:
+        """What the template and the session log see (ValueError for content we cannot render)."""
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return ChatMessage(self.role, self.text(), calls, self.tool_call_id)
 
     def text(self) -> str:
         """The message as text; only text content parts are supported."""
@@ -195,6 +228,31 @@ class _GenerationBody(BaseModel):
 MAX_LOGPROBS = 20
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
@@ -227,9 +285,8 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(_GenerationBody):
     _UNSUPPORTED: ClassVar[dict[str, Callable[[Any], bool]]] = {
-        "tools": _is_default([]), "tool_choice": _is_default("none"), "parallel_tool_calls": _is_default(),
-        "functions": _is_default([]), "function_call": _is_default("none"), "audio": _is_default(), "modalities": _is_default(["text"]), "prediction": _is_default(),
-        "web_search_options": _is_default(), "reasoning_effort": _is_default(), "verbosity": _is_default(),
+        "functions": _is_default([]), "function_call": _is_default("none"), "audio": _is_default(),
+        "modalities": _is_default(["text"]), "prediction": _is_default(), "web_search_options": _is_default(), "reasoning_effort": _is_default(), "verbosity": _is_default(),
         "store": _is_default(False), "metadata": _is_default(), "moderation": _is_default(),
     }
 
@@ -238,9 +295,42 @@ class ChatCompletionRequest(_GenerationBody):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def structured_output(self) -> StructuredOutput | None:
-        return self.response_format.structured_output() if self.response_format else None
+        if self.response_format:
+            return self.response_format.structured_output()
+        return forced_calls_schema(self.tool_dicts(), self.choice()) if self.tool_dicts() else None
+
+    def choice(self) -> Any:
+        """tool_choice as plain JSON ("auto" when tools are given without one, as OpenAI does)."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice or ("auto" if self.tools else "none")
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools the model is shown (none with tool_choice "none"), as chat templates take them."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True, by_alias=True) for t in self.tools]
+
+    @model_validator(mode="after")
+    def _tool_choice_fits(self) -> "ChatCompletionRequest":
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("invalid_value", "tool names must be unique", {"param": "tools"})
+        if self.tool_choice not in (None, "none", "auto") and not names:
+            raise PydanticCustomError("invalid_value", "tool_choice needs tools", {"param": "tool_choice"})
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise PydanticCustomError("invalid_value", "tool_choice names a function that is not in tools",
+                                      {"param": "tool_choice"})
+        forced = self.tool_choice not in (None, "none", "auto")
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise PydanticCustomError("invalid_value", "response_format cannot be combined with a required or "
+                                      "named tool_choice", {"param": "response_format"})
+        return self
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":
@@ -336,7 +426,8 @@ def session_object(rec: Any, *, tier: str | None = None, state: Any = None, adap
     if adapter_fingerprint is not None:
         out["adapter_fingerprint"] = adapter_fingerprint
     if state is not None:
-        out["state_norms"] = [float(x) for x in state.detach().float().flatten(1).norm(dim=1).cpu()]
+        # in float64: no finite fp32 state then has an infinite norm (JSON would show it as null)
+        out["state_norms"] = [float(x) for x in state.detach().double().flatten(1).norm(dim=1).cpu()]
     if include_tokens and rec.written_token_ids is not None:
         out["written_token_ids"] = rec.written_token_ids
     return out

@@ -30,6 +30,7 @@ from server.engine.base import GenerationOutput
 from server.errors import APIError, bad_request, conflict, not_found
 from server.prompt import ChatMessage, TurnTokens, build_chat_turn, build_text_turn, split_messages
 from server.session_record import SessionRecord, memory_record_problem
+from server.tools import tools_identity
 
 log = logging.getLogger("deltamem.sessions")
 
@@ -141,14 +142,20 @@ class SessionTurn:
     def cache_salt(self) -> str:
         return f"{self.key}:{self.record.version}"
 
-    def plan_chat(self, tokenizer: Any, messages: Sequence[ChatMessage], granularity: str = "token") -> TurnTokens:
-        """Split the messages (SPEC §3) and build context + pending + new token ids."""
+    def plan_chat(self, tokenizer: Any, messages: Sequence[ChatMessage], granularity: str = "token",
+                  tools: Sequence[dict[str, Any]] = ()) -> TurnTokens:
+        """Split the messages (SPEC §3) and build context + pending + new token ids. A tool list is
+        rendered by the template ahead of the messages: it is written with them the first time the
+        whole prompt is new, and read as context afterwards, never written twice."""
         log_, sys_, pending = self.record.message_log, self.record.written_system, self.record.pending_token_ids
         first_new = split_messages(messages, log_, sys_)
         new = messages[first_new:]
         self._new_entries = [m.log_entry() for m in new if not m.is_system]
         self._new_system = [m.log_entry() for m in new if m.is_system]
-        self.tokens = build_chat_turn(tokenizer, messages, first_new, pending, granularity)
+        written = bool(tools) and tools_identity(tools) in sys_
+        if tools and first_new == 0 and not written:
+            self._new_system.append(tools_identity(tools))
+        self.tokens = build_chat_turn(tokenizer, messages, first_new, pending, granularity, tools, written)
         return self.tokens
 
     def plan_text(self, prompt_ids: Sequence[int], granularity: str = "token") -> TurnTokens:

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="model id reported by /v1/models (default: model dir name)")
     chat_template: str | None = Field(None, description="Jinja chat template, a file or the template itself "
                                                         "(default: the tokenizer's)")
+    tool_call_parser: str = Field("hermes", description="how tool calls are read from replies: hermes (<tool_call> "
+                                  "JSON: Qwen, Hermes, SmolLM3); with vLLM installed, any vLLM --tool-call-parser name")
     engine: Literal["torch", "vllm", "auto"] = Field("auto", description="inference engine (auto: vLLM when installed and "
                                                    "it can serve the model and adapter, else the embedded engine)")
     device: str = Field("auto", description="torch engine device: auto, cpu, cuda, cuda:N")

@@ -14,11 +14,23 @@ from starlette.types import Receive, Scope, Send
 from server.context import AppContext, ctx_of, owner_of
 from server.engine.base import EngineError, RequestRejected
 from server.errors import APIError, bad_request, not_found
-from server.generation import Turn, decide_max_tokens, resolve_session_id, run_turn, sampling_from
+from server.generation import (
+    Turn,
+    decide_max_tokens,
+    resolve_session_id,
+    run_turn,
+    sampling_from,
+)
 from server.logprobs import TokenText, chat_logprobs, completion_logprobs
-from server.prompt import ChatMessage, TurnTokens, build_chat_turn, build_text_turn
-from server.schemas import ChatCompletionRequest, CompletionRequest, DeltaMemOptions, _GenerationBody
+from server.prompt import TurnTokens, build_chat_turn, build_text_turn
+from server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DeltaMemOptions,
+    _GenerationBody,
+)
 from server.sessions import SessionTurn, check_session_id
+from server.tools import ToolUse
 
 router = APIRouter()
 T = TypeVar("T")
@@ -41,9 +53,20 @@ def _error_event(exc: BaseException) -> str:
     return _sse((exc if isinstance(exc, APIError) else _engine_error(exc)).body())
 
 
+async def _refuse_surely_too_long(ctx: AppContext, text_bytes: int, param: str) -> None:
+    """400 before tokenising when the text cannot fit: no token covers more than the vocabulary's
+    longest token, so the prompt has at least text_bytes / longest tokens."""
+    longest = await ctx.longest_token_bytes()
+    at_least = text_bytes // max(1, longest)
+    if at_least > ctx.engine.max_model_len:
+        raise APIError(400, f"this model's maximum context length is {ctx.engine.max_model_len} tokens; the "
+                            f"{param} has at least {at_least} tokens ({text_bytes} bytes of text). Shorten the {param}.",
+                       param=param, code="context_length_exceeded")
+
+
 async def _prepare(ctx: AppContext, owner: str, body: _GenerationBody, session_id: str | None, kind: str,
                    plan: Callable[[SessionTurn | None], TurnTokens], requested: int | None,
-                   default: int | None, prompt_param: str) -> list[Turn]:
+                   default: int | None, prompt_param: str, tool_use: ToolUse | None = None) -> list[Turn]:
     """Lock/load the session (if any), build the tokens, size the completion; one turn per choice.
     Errors here are plain HTTP errors (nothing has streamed yet) and leave the session untouched."""
     opts = body.delta_mem or DeltaMemOptions()
@@ -65,7 +88,8 @@ async def _prepare(ctx: AppContext, owner: str, body: _GenerationBody, session_i
         max_tokens = decide_max_tokens(requested, default, len(tokens.token_ids), engine.max_model_len,
                                        prompt_param)
         sampling = sampling_from(body, max_tokens, len(engine.tokenizer))
-        return Turn(kind=kind, tokens=tokens, sampling=sampling, write=opts.write, session=session).branches(n)
+        return Turn(kind=kind, tokens=tokens, sampling=sampling, write=opts.write, session=session,
+                    tool_use=tool_use).branches(n)
     except BaseException:
         if session is not None:
             session.release()
@@ -193,25 +217,39 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, owner:
 async def _chat(ctx: AppContext, request: Request, owner: str, body: ChatCompletionRequest, model: str,
                 sid: str | None) -> Response:
     try:
-        messages = [ChatMessage(m.role, m.text()) for m in body.messages]
+        messages = [m.to_message() for m in body.messages]
     except ValueError as exc:
         raise bad_request(str(exc), param="messages", code="invalid_value") from None
     await _refuse_surely_too_long(ctx, sum(len(m.content.encode("utf-8", "surrogatepass")) for m in messages),
                                   "messages")
-    tok = ctx.engine.tokenizer
+    tok, gran, tools = ctx.engine.tokenizer, ctx.engine.write_granularity, body.tool_dicts()
+    tool_use = None
+    if tools:
+        if gran != "token":
+            raise bad_request(f"tools are not supported with a {gran} adapter (segment ids do not cover the "
+                              "template's tool block)", param="tools", code="invalid_value")
+        tool_use = ToolUse(body.choice(), ctx.tool_parser(), parallel=body.parallel_tool_calls is not False)
 
     def plan(session: SessionTurn | None) -> TurnTokens:
         try:
-            gran = ctx.engine.write_granularity
-            return (session.plan_chat(tok, messages, gran) if session
-                    else build_chat_turn(tok, messages, 0, granularity=gran))
+            return (session.plan_chat(tok, messages, gran, tools) if session
+                    else build_chat_turn(tok, messages, 0, granularity=gran, tools=tools))
         except Exception as exc:  # a template that rejects the conversation (e.g. role order)
             raise bad_request(f"the chat template cannot render these messages: {exc}", param="messages",
                               code="invalid_messages") from None
 
     requested = body.max_completion_tokens or body.max_tokens
-    turns = await _prepare(ctx, owner, body, sid, "chat", plan, requested, ctx.settings.default_max_tokens, "messages")
+    turns = await _prepare(ctx, owner, body, sid, "chat", plan, requested, ctx.settings.default_max_tokens, "messages",
+                           tool_use=tool_use)
     return await _reply(ctx, request, turns, body, model, sid, chat=True)
+
+
+def _message(turn: Turn) -> dict[str, Any]:
+    content, calls = turn.reply()
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.openai() for c in calls]
+    return message
 
 
 def _usage(turns: list[Turn]) -> dict[str, int]:
@@ -235,12 +273,12 @@ async def _reply(ctx: AppContext, request: Request, turns: list[Turn], body: Any
     choices = []
     for turn in turns:
         assert turn.final is not None
-        content = {"message": {"role": "assistant", "content": turn.text}} if chat else {"text": turn.text}
+        content = {"message": _message(turn)} if chat else {"text": turn.text}
         logprobs = None
         if text is not None:
             logprobs = chat_logprobs(turn.logprobs, text) if chat else completion_logprobs(turn.logprobs, text)
         choice: dict[str, Any] = {"index": turn.index, **content, "logprobs": logprobs,
-                                  "finish_reason": turn.final.finish_reason}
+                                  "finish_reason": turn.finish_reason}
         if body.return_token_ids:
             choice["token_ids"] = turn.token_ids
         choices.append(choice)
@@ -270,6 +308,8 @@ async def _chat_events(ctx: AppContext, turns: list[Turn], model: str, include_u
             obj["usage"] = None
         return _sse(obj)
 
+    # with tools, content passes a gate that stops at a tool call's start; the calls follow at the end
+    gates = {t.index: t.tool_use.gate() if t.tool_use else None for t in turns}
     try:
         top = {"prompt_token_ids": first.tokens.token_ids} if return_token_ids else None
         for turn in turns:
@@ -277,10 +317,17 @@ async def _chat_events(ctx: AppContext, turns: list[Turn], model: str, include_u
         async for turn, out in _merged(ctx, turns):
             extra = {"token_ids": out.token_ids} if return_token_ids else {}
             logprobs = chat_logprobs(out.logprobs, text) if text is not None and out.logprobs else None
-            if out.text or extra or logprobs:
-                yield chunk(turn.index, {"content": out.text} if out.text else {}, logprobs=logprobs, **extra)
+            shown = out.text
+            if turn.tool_use is not None:
+                gate = gates[turn.index]
+                shown = "" if gate is None else gate.feed(out.text) + (gate.flush() if out.finished else "")
+            if shown or extra or logprobs:
+                yield chunk(turn.index, {"content": shown} if shown else {}, logprobs=logprobs, **extra)
             if out.finished:
-                yield chunk(turn.index, {}, out.finish_reason, top={"delta_mem": turn.delta_mem_info()})
+                calls = turn.reply()[1]
+                for i, call in enumerate(calls):
+                    yield chunk(turn.index, {"tool_calls": [call.openai(index=i)]})
+                yield chunk(turn.index, {}, turn.finish_reason, top={"delta_mem": turn.delta_mem_info()})
         if include_usage:
             yield _sse({**base, "choices": [], "usage": _usage(turns)})
     except (APIError, EngineError) as exc:
@@ -289,17 +336,6 @@ async def _chat_events(ctx: AppContext, turns: list[Turn], model: str, include_u
 
 
 # --- completions ----------------------------------------------------------------------------------
-async def _refuse_surely_too_long(ctx: AppContext, text_bytes: int, param: str) -> None:
-    """400 before tokenising when the text cannot fit: no token covers more than the vocabulary's
-    longest token, so the prompt has at least text_bytes / longest tokens."""
-    longest = await ctx.longest_token_bytes()
-    at_least = text_bytes // max(1, longest)
-    if at_least > ctx.engine.max_model_len:
-        raise APIError(400, f"this model's maximum context length is {ctx.engine.max_model_len} tokens; the "
-                            f"{param} has at least {at_least} tokens ({text_bytes} bytes of text). Shorten the {param}.",
-                       param=param, code="context_length_exceeded")
-
-
 def _prompt_ids(ctx: AppContext, prompt: Any) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]

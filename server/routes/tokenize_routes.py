@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.context import AppContext, ctx_of, owner_of
 from server.errors import bad_request, not_found
-from server.prompt import ChatMessage, render
-from server.schemas import ChatMessageIn, refuse_lone_surrogates
+from server.prompt import render
+from server.schemas import ChatMessageIn, ToolSpec, refuse_lone_surrogates
 
 router = APIRouter()
 
@@ -23,6 +23,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessageIn] | None = Field(None, min_length=1)
+    tools: list[ToolSpec] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -56,11 +57,12 @@ async def tokenize(body: TokenizeRequest, request: Request, _: str = Depends(own
         raise bad_request("give exactly one of prompt and messages", param="prompt", code="invalid_value")
     if body.messages is not None:
         try:
-            messages = [ChatMessage(m.role, m.text()) for m in body.messages]
+            messages = [m.to_message() for m in body.messages]
         except ValueError as exc:
             raise bad_request(str(exc), param="messages", code="invalid_value") from None
         try:
-            ids = await asyncio.to_thread(render, tok, messages, body.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools or ()]
+            ids = await asyncio.to_thread(render, tok, messages, body.add_generation_prompt, tools)
         except Exception as exc:   # a template that rejects the conversation
             raise bad_request(f"the chat template cannot render these messages: {exc}", param="messages",
                               code="invalid_messages") from None

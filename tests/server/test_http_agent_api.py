@@ -28,10 +28,10 @@ CHAT_FIELDS: dict[str, typing.Any] = {
     "frequency_penalty": 0.5, "presence_penalty": 0.5, "logprobs": True, "top_logprobs": 2, "user": "u-1",
     "safety_identifier": "s-1", "prompt_cache_key": "k", "prompt_cache_retention": "24h",
     "prompt_cache_options": {"mode": "implicit", "ttl": "30m"}, "service_tier": "auto",
-    # not implemented yet
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-    "tool_choice": "auto", "parallel_tool_calls": True, "functions": [{"name": "f"}], "function_call": "auto",
-    "response_format": {"type": "json_object"}, "audio": {"voice": "alloy", "format": "wav"},
+    "tool_choice": "auto", "parallel_tool_calls": True, "response_format": {"type": "json_object"},
+    # not implemented
+    "functions": [{"name": "f"}], "function_call": "auto", "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"}, "web_search_options": {},
     "reasoning_effort": "low", "verbosity": "low", "store": True, "metadata": {"a": "b"},
     "moderation": {"model": "omni-moderation-latest"},
@@ -39,7 +39,8 @@ CHAT_FIELDS: dict[str, typing.Any] = {
 CHAT_HONOURED = {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
                  "n", "stream_options", "logit_bias", "frequency_penalty", "presence_penalty", "logprobs",
                  "top_logprobs", "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
-                 "prompt_cache_options", "service_tier", "response_format"}
+                 "prompt_cache_options", "service_tier", "response_format", "tools", "tool_choice",
+                 "parallel_tool_calls"}
 COMPLETION_FIELDS: dict[str, typing.Any] = {
     "prompt": "The sea", "model": "tiny", "max_tokens": 2, "temperature": 0.5, "top_p": 0.9, "seed": 7,
     "stop": ["\n\n"], "n": 2, "stream_options": None, "logit_bias": {"5": 1.0}, "frequency_penalty": 0.5,
@@ -89,11 +90,10 @@ def test_unknown_fields_and_unimplemented_vllm_extras_are_refused(http):
     r = http.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 2, "tools": [], "store": False,
                                                 "tool_choice": "none", "modalities": ["text"]})
     assert r.status_code == 200, r.text
-    # message fields too: a tool call in an assistant message is not silently dropped
-    msgs = [{"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function",
-                                                                 "function": {"name": "f", "arguments": "{}"}}]},
-            {"role": "user", "content": "hi"}]
-    assert_openai_error(http.post("/v1/chat/completions", json={"messages": msgs}), 400, param="messages.0.tool_calls")
+    # message fields too: an assistant message's audio or refusal is not silently dropped
+    for name, value in [("audio", {"id": "a1"}), ("refusal", "no"), ("function_call", {"name": "f", "arguments": "{}"})]:
+        msgs = [{"role": "assistant", "content": "x", name: value}, {"role": "user", "content": "hi"}]
+        assert_openai_error(http.post("/v1/chat/completions", json={"messages": msgs}), 400, param=f"messages.0.{name}")
 
 
 def test_invalid_values_name_their_field(http):

@@ -16,6 +16,16 @@ from tests.server.conftest import ENGINES, VLLM_TEST_SETTINGS, ProcServer, asser
 TURNS = [[{"role": "user", "content": t}] for t in ("I am Ada.", "I like tea.", "Who am I?")]
 
 
+def stream_through_sigterm(srv: ProcServer, body: dict) -> list[str]:
+    """The SSE lines of a streamed turn during which the server gets SIGTERM (after 3 lines)."""
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            it = r.iter_lines()
+            lines = [next(it) for _ in range(3)]
+            srv.proc.send_signal(signal.SIGTERM)
+            return lines + [ln for ln in it if ln]
+
+
 def engine_flags(engine: str) -> list[str]:
     flags = ["--engine", engine]
     if engine == "vllm":
@@ -104,13 +114,7 @@ def test_restart_kill9_and_corrupted_states(engine, tiny_paths, tmp_path, proc_s
         assert {"A", "B", "C", "E"} <= ids and "F" not in ids
 
         # SIGTERM during a streamed turn: the turn finishes within the grace period and is committed
-        body = {**body, "session_id": "G", "max_tokens": 60}
-        with httpx.Client(base_url=srv.url, timeout=60) as streamer:
-            with streamer.stream("POST", "/v1/chat/completions", json=body) as r:
-                it = r.iter_lines()
-                lines = [next(it) for _ in range(3)]
-                srv.proc.send_signal(signal.SIGTERM)
-                lines += [ln for ln in it if ln]
+        lines = stream_through_sigterm(srv, {**body, "session_id": "G", "max_tokens": 60})
     assert srv.proc.wait(timeout=30) == 0
     assert lines[-1] == "data: [DONE]"
     finals = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {") and '"finish_reason":"length"' in ln]
@@ -131,14 +135,8 @@ def test_a_stream_outlasting_the_grace_period_ends_with_an_error_event(tiny_path
                      tmp_path / "server.log")
     proc_servers.append(srv)
     srv.start()
-    body = {"model": "tiny", "messages": TURNS[0], "max_tokens": 4000, "ignore_eos": True, "stream": True,
-            "session_id": "long"}
-    with httpx.Client(base_url=srv.url, timeout=60) as http:
-        with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            it = r.iter_lines()
-            lines = [next(it) for _ in range(3)]
-            srv.proc.send_signal(signal.SIGTERM)
-            lines += [ln for ln in it if ln]
+    lines = stream_through_sigterm(srv, {"model": "tiny", "messages": TURNS[0], "max_tokens": 4000,
+                                         "ignore_eos": True, "stream": True, "session_id": "long"})
     assert srv.proc.wait(timeout=30) == 0
     assert lines[-1] == "data: [DONE]"
     error = json.loads(lines[-2][6:])["error"]
