@@ -108,6 +108,7 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
         store = build_store(settings, eng, on_event=metrics.on_store_event, backend=backend)
         metrics.attach_store(store.stats)
         ctx.engine, ctx.store = eng, store
+        await asyncio.to_thread(ctx.tool_parser)   # vLLM's parsers import vLLM: not on the first request
         ctx.sessions = SessionManager(
             store,
             EngineIdentity(tuple(eng.state_shape), list(eng.layer_names), eng.adapter_fingerprint,

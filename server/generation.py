@@ -171,22 +171,28 @@ async def _until_draining(outputs: AsyncIterator[GenerationOutput],
                           draining: asyncio.Event) -> AsyncIterator[GenerationOutput]:
     """The engine's outputs, until the server drains for shutdown: then a 503 instead of a cut stream."""
     stop = asyncio.ensure_future(draining.wait())
+    step: asyncio.Future | None = None
     try:
         while True:
             step = asyncio.ensure_future(anext(outputs))
             await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
-                with contextlib.suppress(BaseException):
-                    await step
                 raise APIError(503, "the server is shutting down: this turn was stopped before it finished and "
                                     "nothing was committed; send it again", code="shutting_down")
             try:
-                yield step.result()
+                item = step.result()
             except StopAsyncIteration:
                 return
+            step = None
+            yield item
     finally:
         stop.cancel()
+        if step is not None and not step.done():
+            # the engine's generator is suspended inside this task (drain, or our own cancellation on a
+            # disconnect): cancel it there, so that its cleanup aborts the request in the engine
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
 
 
 async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
