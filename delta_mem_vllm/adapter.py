@@ -1,7 +1,7 @@
 """Adapter files: the reference `delta_mem_adapter.pt` (read safely, tensors only) and our safetensors form.
 
 An adapter is a config plus a flat tensor dict keyed `<attention module path>.<param name>`, e.g.
-`model.layers.0.self_attn.memory_q_proj` (METHOD.md §3.4). Its fingerprint is a content hash that
+`model.layers.0.self_attn.memory_q_proj`. Its fingerprint is a content hash that
 does not depend on the file format, so a state saved under one form is accepted under the other.
 """
 

@@ -1,7 +1,7 @@
 """The Δ-Mem adapter configuration, byte-compatible with the reference `delta_mem_config.json`.
 
 The reference serialises all 49 fields (active, archived and inert). We read and write the same
-file; archived options must keep their defaults, inert ones are range-checked only (METHOD.md §1.2).
+file; archived options must keep their defaults, inert ones are range-checked only.
 """
 
 from __future__ import annotations

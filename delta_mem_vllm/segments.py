@@ -1,4 +1,4 @@
-"""Per-token message / sentence ids for the segment write granularities (METHOD.md §2.5).
+"""Per-token message / sentence ids for the segment write granularities.
 
 `message_mean` (SSW) and `sentence_mean` adapters write one mean hidden per segment, so the runtime
 must label every prompt token with the segment it belongs to. The labels must match the reference
@@ -161,7 +161,7 @@ def _delta(previous: list[int], current: list[int], max_rollback: int, what: str
 def chat_segment_ids(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                      sentences: bool = False, max_rollback: int = MAX_TEMPLATE_ROLLBACK,
                      chat_template_kwargs: Mapping[str, Any] | None = None) -> ChatSegments:
-    """Render `messages` and label every token as the reference runtime does (METHOD.md §2.5).
+    """Render `messages` and label every token as the reference runtime does.
 
     System messages get −1; the k-th non-system message gets id k on all of its delta tokens
     (template tokens included); generation-prompt tokens get −1. With `sentences=True` content tokens

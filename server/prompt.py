@@ -1,4 +1,4 @@
-"""Chat prompt rendering and the SPEC §3 split of a session request into context-only and new parts.
+"""Chat prompt rendering and the memory-mode split of a session request into context-only and new parts.
 
 Pure logic (a tokenizer in, token ids and offsets out) so it is unit-tested without HTTP or a model.
 
@@ -64,7 +64,7 @@ class TurnTokens:
     write_start: int
     num_context: int
     num_pending: int
-    # segment-write adapters only (METHOD.md §2.3–2.5): per-token message / sentence ids, −1 = no segment
+    # segment-write adapters only: per-token message / sentence ids, −1 = no segment
     message_ids: tuple[int, ...] | None = None
     sentence_ids: tuple[int, ...] | None = None
 
@@ -75,7 +75,7 @@ class TurnTokens:
 
 def split_messages(messages: Sequence[ChatMessage], message_log: Sequence[str],
                    written_system: Sequence[str] | set[str]) -> int:
-    """Index of the first new message of a session request (SPEC §3); it is never past the last one."""
+    """Index of the first new message of a session request; it is never past the last one."""
     if not messages:
         raise ValueError("messages must not be empty")
     written_sys = set(written_system)

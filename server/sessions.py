@@ -144,7 +144,7 @@ class SessionTurn:
 
     def plan_chat(self, tokenizer: Any, messages: Sequence[ChatMessage], granularity: str = "token",
                   tools: Sequence[dict[str, Any]] = ()) -> TurnTokens:
-        """Split the messages (SPEC §3) and build context + pending + new token ids. A tool list is
+        """Split the messages and build context + pending + new token ids. A tool list is
         rendered by the template ahead of the messages: it is written with them the first time the
         whole prompt is new, and read as context afterwards, never written twice."""
         log_, sys_, pending = self.record.message_log, self.record.written_system, self.record.pending_token_ids

@@ -11,7 +11,7 @@ from delta_mem_vllm.testing.tiny import build_tiny_model
 
 RELEASED_LIKE = dict(rank=8, alpha=16.0, delta_heads=("q", "o"), output_init="base_slice_fixed")
 
-# The released-like adapter and the six variants of METHOD.md §9-A.
+# The released-like adapter and the six variants of the method's conformance checks.
 VARIANTS: dict[str, dict] = {
     "released_like": RELEASED_LIKE,
     "qkvo_heads": {**RELEASED_LIKE, "delta_heads": ("q", "k", "v", "o")},

@@ -1,4 +1,4 @@
-"""An independent, token-by-token Δ-Mem forward written from METHOD.md §1.4–§1.7.
+"""An independent, token-by-token Δ-Mem forward written from the method's equations.
 
 It shares nothing with the library's math: it reuses only the backbone's own modules for the parts
 Δ-Mem does not touch (embeddings, norms, MLP, rotary tables, LM head) and reads the Δ-Mem parameters

@@ -1,4 +1,4 @@
-"""METHOD.md §11 on real (tiny, random) transformers models: F6, S1–S7, C5, batch independence."""
+"""The method's conformance checks on real (tiny, random) transformers models: F6, S1–S7, C5, batch independence."""
 
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def _layer_inputs(dm: DeltaMemModel, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _segment_reference_state(dm: DeltaMemModel, x: torch.Tensor, seg: torch.Tensor, layer: int) -> torch.Tensor:
-    """Scan over per-segment mean hiddens in ascending id order, written from METHOD.md §2.3."""
+    """Scan over per-segment mean hiddens in ascending id order, written from the method's definition."""
     lay = dm.layers[layer]
     ids = sorted({int(s) for s in seg.tolist() if s >= 0})
     means = torch.stack([x[seg == s].mean(0) for s in ids])[None]          # [1,S,H]

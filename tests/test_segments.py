@@ -1,4 +1,4 @@
-"""Message / sentence id assignment for the segment write granularities (METHOD.md §2.5, R4, S5)."""
+"""Message / sentence id assignment for the segment write granularities."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ cache, exactly as in the reference, under every attention implementation and cac
 
 Token validity and write permissions come from the call's own metadata (the attention mask the
 caller passes and a per-row write-start offset), never from parsing the 4-D masks transformers
-builds — which is where the reference breaks under SDPA (METHOD.md §10.2).
+builds — which is where the reference breaks under SDPA.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from .scan import scan, update_coefficients
 
 Tensor = torch.Tensor
 
-# Parameter names exactly as the reference adapter file spells them (METHOD.md §3.4).
+# Parameter names exactly as the reference adapter file spells them.
 CORE_PARAMS = ("memory_q_proj", "memory_k_proj", "memory_v_proj", "delta_q_proj", "delta_k_proj",
                "delta_v_proj", "delta_o_proj", "beta_proj", "beta_bias")
 
@@ -59,7 +59,7 @@ class DeltaMemLayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, base_weights: dict[str, Tensor] | None = None) -> None:
-        """Reference initialisation (METHOD.md §1.3); `base_weights` maps q/k/v/o to the base projections."""
+        """Reference initialisation; `base_weights` maps q/k/v/o to the base projections."""
         cfg = self.config
         for name in ("memory_q_proj", "memory_k_proj", "memory_v_proj"):
             nn.init.kaiming_uniform_(getattr(self, name), a=math.sqrt(5))
@@ -164,7 +164,7 @@ class DeltaMemLayer(nn.Module):
         """Reads for every token and the new state, for a batch of rows.
 
         x [B,T,H]; state [B,h,R,R] fp32; valid/writes [B,T] bool (writes ⊆ valid; None = all);
-        segment_ids [B,T] long (−1 = not written) switches to segment-mean writes (METHOD.md §2.3).
+        segment_ids [B,T] long (−1 = not written) switches to segment-mean writes.
         Returns reads [B,T,D] fp32 (zero on invalid tokens) and the new state [B,h,R,R] fp32.
         """
         cfg = self.config
@@ -215,7 +215,7 @@ class DeltaMemLayer(nn.Module):
 
 def split_features(y: Tensor, config: DeltaMemConfig) -> tuple[Tensor, ...]:
     """(q, k, v, keep, erase, write), each fp32 [..., h, R], from the packed input projection
-    y = x·[W_mq; W_mk; W_mv; W_β (; W_λ)]ᵀ + [0; 0; 0; b_β (; b_λ)] (METHOD.md §1.4 step 3).
+    y = x·[W_mq; W_mk; W_mv; W_β (; W_λ)]ᵀ + [0; 0; 0; b_β (; b_λ)].
 
     Pure tensor code with no Python branching on values, so it also runs inside compiled graphs.
     """
@@ -235,7 +235,7 @@ def split_features(y: Tensor, config: DeltaMemConfig) -> tuple[Tensor, ...]:
 
 
 def rms_normalize(delta: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The optional RMSNorm on δo, in fp32 (METHOD.md §1.4 step 12)."""
+    """The optional RMSNorm on δo, in fp32."""
     d = delta.float()
     return d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 

@@ -18,7 +18,7 @@ rows). Rows are independent given the token's vectors, so a row block is the nat
 R ≤ 16 (R = 8 in the released adapter) one program holds the whole state in fp32 registers and loads
 each token's q/k once; for larger R a few programs split the rows (8–16 each), which bounds the
 register footprint and multiplies parallelism, at the cost of re-reading q/k from L1/L2 a few times.
-One program per single row (the reference kernel, METHOD.md §4.4) would load q/k R times per token
+One program per single row (the reference kernel) would load q/k R times per token
 for no gain at small R. Each program walks its tokens sequentially: the read-only prefix in a loop
 that leaves the state alone, then the writing tokens, with the next token's vectors loaded one step
 ahead so that global-memory latency overlaps the dependent state update (the chain is inherently

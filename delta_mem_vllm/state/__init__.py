@@ -1,4 +1,4 @@
-"""Session-state persistence (SPEC §4): the safetensors + JSON-manifest format, storage keys,
+"""Session-state persistence: the safetensors + JSON-manifest format, storage keys,
 persistent backends (filesystem, Redis, memory) and the device → host → backend tiered store.
 
 Framework-free (torch + safetensors; redis-py only for RedisBackend), so it is testable on a CPU.

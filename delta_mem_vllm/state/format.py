@@ -1,4 +1,4 @@
-"""The session-state persistence format (SPEC §4): safetensors for the tensors + a JSON manifest.
+"""The session-state persistence format: safetensors for the tensors + a JSON manifest.
 
 Why this shape:
 - safetensors holds one fp32 tensor per Δ-Mem layer (key = layer name, shape [h, r, r]); it is a

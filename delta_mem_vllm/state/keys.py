@@ -1,4 +1,4 @@
-"""Session ids and storage keys (SPEC §4).
+"""Session ids and storage keys.
 
 Session ids are opaque client strings; they are never used as paths or Redis keys. Storage keys are
 the SHA-256 of an unambiguous encoding of (owner, id), so ``"../../etc/passwd"`` is just another hash,

@@ -1,4 +1,4 @@
-"""The tiered session-state store of SPEC §4: device pool (LRU) → host memory (LRU) → persistent backend.
+"""The tiered session-state store: device pool (LRU) → host memory (LRU) → persistent backend.
 
 Policy, and why:
 - ``put`` is the commit of a turn. With a backend it is *write-through*: the snapshot is persisted

@@ -12,7 +12,7 @@ from ..config import DELTA_HEADS, DeltaMemConfig
 
 
 def randomize_(model: nn.Module, seed: int = 0, delta_std: float = 0.3) -> None:
-    """Overwrite a DeltaMemModel's Δ-Mem parameters in place, as METHOD.md §9 does for its checks.
+    """Overwrite a DeltaMemModel's Δ-Mem parameters in place, as the method's conformance checks do.
 
     Active delta heads ~ N(0, delta_std²), gates with slopes and biases around σ(−1) so that
     tokens write with varied strength; inactive heads stay zero as the reference keeps them.

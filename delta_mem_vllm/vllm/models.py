@@ -42,7 +42,7 @@ def _qk_norm(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.T
 
 
 def _attention_forward(self: nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-    """vLLM's Qwen/Llama attention forward with the memory threaded through (METHOD.md §1.4)."""
+    """vLLM's Qwen/Llama attention forward with the memory threaded through."""
     reads = self.delta_mem.read(hidden_states)
     qkv, _ = self.qkv_proj(hidden_states)
     q, k, v = self.delta_mem.correct_qkv(qkv, reads).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -242,7 +242,7 @@ class TorchEngine:
     def _prefill_step(self, act: _Active) -> bool:
         """One prefill chunk; the last one samples the first token."""
         prompt = act.req.prompt_token_ids
-        # Segment means depend on call boundaries (METHOD.md §2.3), so a segment adapter's prompt
+        # Segment means depend on call boundaries, so a segment adapter's prompt
         # is one call, as in the reference runtime; token writes are chunking-invariant.
         size = self.prefill_chunk if self.write_granularity == "token" else len(prompt)
         span = slice(act.pos, act.pos + size)

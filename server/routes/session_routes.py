@@ -1,4 +1,4 @@
-"""Session API (SPEC §3): create, inspect, list, delete, reset, fork, export and import states."""
+"""Session API: create, inspect, list, delete, reset, fork, export and import states."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Session semantics over HTTP (SPEC §3): memory mode against a DeltaMemModel replay, the three ways
+"""Session semantics over HTTP: memory mode against a DeltaMemModel replay, the three ways
 of sending a conversation, read-only turns, reset, fork, export/import and the session API."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The SPEC §3 split (context-only vs new) and the turn token layout, without a server."""
+"""The memory-mode split (context-only vs new) and the turn token layout, without a server."""
 
 from __future__ import annotations
 
