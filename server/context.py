@@ -61,6 +61,14 @@ class AppContext:
             self._longest_token = await asyncio.to_thread(longest)
         return self._longest_token
 
+    def check_model(self, model: str | None) -> str:
+        """The served model's name; 404 when a request names another."""
+        name = self.engine.model_name
+        if model is not None and model != name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {name!r}", param="model",
+                           code="model_not_found")
+        return name
+
     def require_ready(self) -> None:
         if not self.accepting or self.engine is None or self.sessions is None:
             raise APIError(503, "server is starting or shutting down", code="unavailable")

@@ -302,7 +302,8 @@ class ChatCompletionRequest(_GenerationBody):
     def structured_output(self) -> StructuredOutput | None:
         if self.response_format:
             return self.response_format.structured_output()
-        return forced_calls_schema(self.tool_dicts(), self.choice()) if self.tool_dicts() else None
+        tools = self.tool_dicts()
+        return forced_calls_schema(tools, self.choice()) if tools else None
 
     def choice(self) -> Any:
         """tool_choice as plain JSON ("auto" when tools are given without one, as OpenAI does)."""

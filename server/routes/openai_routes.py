@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.context import AppContext, ctx_of, owner_of
 from server.engine.base import EngineError, RequestRejected
-from server.errors import APIError, bad_request, not_found
+from server.errors import APIError, bad_request
 from server.generation import (
     Turn,
     decide_max_tokens,
@@ -37,14 +37,6 @@ T = TypeVar("T")
 
 
 # --- shared pieces --------------------------------------------------------------------------------
-def _check_model(ctx: AppContext, model: str | None) -> str:
-    name = ctx.engine.model_name
-    if model is not None and model != name:
-        raise not_found(f"the model {model!r} does not exist; this server serves {name!r}", param="model",
-                        code="model_not_found")
-    return name
-
-
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -209,7 +201,7 @@ def _resolve(request: Request, body: _GenerationBody) -> str | None:
 async def chat_completions(body: ChatCompletionRequest, request: Request, owner: str = Depends(owner_of)) -> Response:
     ctx = ctx_of(request)
     ctx.require_ready()
-    model = _check_model(ctx, body.model)
+    model = ctx.check_model(body.model)
     sid = _resolve(request, body)
     return await _with_session_header(sid, _chat(ctx, request, owner, body, model, sid))
 
@@ -220,7 +212,7 @@ async def _chat(ctx: AppContext, request: Request, owner: str, body: ChatComplet
         messages = [m.to_message() for m in body.messages]
     except ValueError as exc:
         raise bad_request(str(exc), param="messages", code="invalid_value") from None
-    await _refuse_surely_too_long(ctx, sum(len(m.content.encode("utf-8", "surrogatepass")) for m in messages),
+    await _refuse_surely_too_long(ctx, sum(len(m.content.encode()) for m in messages),
                                   "messages")
     tok, gran, tools = ctx.engine.tokenizer, ctx.engine.write_granularity, body.tool_dicts()
     tool_use = None
@@ -358,7 +350,7 @@ def _prompt_ids(ctx: AppContext, prompt: Any) -> list[int]:
 async def completions(body: CompletionRequest, request: Request, owner: str = Depends(owner_of)) -> Response:
     ctx = ctx_of(request)
     ctx.require_ready()
-    model = _check_model(ctx, body.model)
+    model = ctx.check_model(body.model)
     sid = _resolve(request, body)
     return await _with_session_header(sid, _complete(ctx, request, owner, body, model, sid))
 
@@ -366,7 +358,7 @@ async def completions(body: CompletionRequest, request: Request, owner: str = De
 async def _complete(ctx: AppContext, request: Request, owner: str, body: CompletionRequest, model: str,
                     sid: str | None) -> Response:
     if isinstance(body.prompt, str):
-        await _refuse_surely_too_long(ctx, len(body.prompt.encode("utf-8", "surrogatepass")), "prompt")
+        await _refuse_surely_too_long(ctx, len(body.prompt.encode()), "prompt")
     ids = await asyncio.to_thread(_prompt_ids, ctx, body.prompt)
 
     def plan(session: SessionTurn | None) -> TurnTokens:
@@ -428,5 +420,5 @@ async def list_models(request: Request, _: str = Depends(owner_of)) -> dict[str,
 async def get_model(model_id: str, request: Request, _: str = Depends(owner_of)) -> dict[str, Any]:
     ctx = ctx_of(request)
     ctx.require_ready()
-    _check_model(ctx, model_id)
+    ctx.check_model(model_id)
     return _model_object(ctx)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.context import AppContext, ctx_of, owner_of
-from server.errors import bad_request, not_found
+from server.errors import bad_request
 from server.prompt import render
 from server.schemas import ChatMessageIn, ToolSpec, refuse_lone_surrogates
 
@@ -43,9 +43,7 @@ class DetokenizeRequest(BaseModel):
 
 def _ready(ctx: AppContext, model: str | None) -> Any:
     ctx.require_ready()
-    if model is not None and model != ctx.engine.model_name:
-        raise not_found(f"the model {model!r} does not exist; this server serves {ctx.engine.model_name!r}",
-                        param="model", code="model_not_found")
+    ctx.check_model(model)
     return ctx.engine.tokenizer
 
 

@@ -147,13 +147,13 @@ def test_required_tool_choice(client):
 
 def test_tools_are_rendered_and_none_hides_them(http, server):
     tok = server.ctx.engine.tokenizer
-    with_tools = http.post("/tokenize", json={"messages": ASK}).json()["tokens"]   # no tools: plain prompt
+    plain = http.post("/tokenize", json={"messages": ASK}).json()["tokens"]   # no tools: plain prompt
     r = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "max_tokens": 1,
                                                 "return_token_ids": True}).json()
-    assert '"get_weather"' in tok.decode(r["prompt_token_ids"]) and r["prompt_token_ids"] != with_tools
+    assert '"get_weather"' in tok.decode(r["prompt_token_ids"]) and r["prompt_token_ids"] != plain
     hidden = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "tool_choice": "none",
                                                      "max_tokens": 1, "return_token_ids": True}).json()
-    assert hidden["prompt_token_ids"] == with_tools and "tool_calls" not in hidden["choices"][0]["message"]
+    assert hidden["prompt_token_ids"] == plain and "tool_calls" not in hidden["choices"][0]["message"]
 
 
 def test_bad_tool_requests_are_400(http):
@@ -277,7 +277,7 @@ def test_auto_tool_calls_are_read_from_the_reply(scripted):
     assert len(both.choices[0].message.tool_calls) == 2 and len(one.choices[0].message.tool_calls) == 1
 
 
-def test_engines_render_the_same_tool_call_history(tiny_paths):
+def test_a_resent_tool_call_renders_with_arguments_as_a_mapping():
     """The assistant tool call goes to the template with its arguments as a mapping (as HF templates
     expect), so a resent call renders exactly as the template renders the model's own call."""
     from server.prompt import ChatMessage, render
