@@ -17,6 +17,7 @@ from server.errors import APIError, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.sessions import EngineIdentity, SessionManager
 from server.settings import Settings
+from server.response_store import ResponseStore, build_documents
 from server.state_store import build_store
 
 log = logging.getLogger("deltamem.server")
@@ -92,7 +93,7 @@ class _RequestMetrics:
 def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -> FastAPI:
     """Build the app. `engine`/`backend` may be injected (tests, benchmarks); else built from settings
     at startup (model loading runs in a thread so the loop stays responsive)."""
-    from server.routes import openai_routes, ops_routes, session_routes, tokenize_routes
+    from server.routes import openai_routes, ops_routes, responses_routes, session_routes, tokenize_routes
 
     metrics = Metrics()
     ctx = AppContext(settings=settings, metrics=metrics, auth=Authenticator(settings.api_keys))
@@ -108,6 +109,7 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
         store = build_store(settings, eng, on_event=metrics.on_store_event, backend=backend)
         metrics.attach_store(store.stats)
         ctx.engine, ctx.store = eng, store
+        ctx.responses = ResponseStore(build_documents(settings))
         await asyncio.to_thread(ctx.tool_parser)   # vLLM's parsers import vLLM: not on the first request
         ctx.sessions = SessionManager(
             store,
@@ -142,6 +144,7 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(openai_routes.router)
+    app.include_router(responses_routes.router)
     app.include_router(session_routes.router)
     app.include_router(tokenize_routes.router)
     app.include_router(ops_routes.router)

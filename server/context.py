@@ -28,6 +28,7 @@ class AppContext:
     engine: Any = None
     store: Any = None
     sessions: SessionManager | None = None
+    responses: Any = None          # ResponseStore: stored Responses API responses
     started_at: float = field(default_factory=time.time)
     accepting: bool = False
     # set when shutdown's grace period is nearly over: running turns stop (not committed) and say so

@@ -12,7 +12,7 @@ import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 from server.engine.base import (EngineError, GenerationOutput, GenerationRequest, MemorySpec, SamplingParams,
                                 TokenLogprob)
@@ -20,6 +20,7 @@ from server.errors import APIError, bad_request
 from server.prompt import ChatMessage, TurnTokens
 from server.schemas import _GenerationBody
 from server.sessions import SessionTurn
+from server.tool_stream import CallReader, StreamStep
 from server.tools import ToolCall, ToolUse
 
 
@@ -80,11 +81,20 @@ def decide_max_tokens(requested: int | None, default: int | None, prompt_len: in
     return min(room, default) if default else room
 
 
+class Keeper(Protocol):
+    """Keeps a record of a finished turn (a stored response): saved before the session commits,
+    discarded if the commit fails, so a session never names a record that does not exist."""
+
+    async def save(self, turn: "Turn") -> None: ...
+
+    async def discard(self) -> None: ...
+
+
 @dataclass
 class Turn:
     """A prepared request: tokens, sampling and Δ-Mem instruction, plus the session turn if any."""
 
-    kind: str                         # "chat" | "completion"
+    kind: str                         # "chat" | "completion" | "response"
     tokens: TurnTokens
     sampling: SamplingParams
     write: bool
@@ -98,7 +108,11 @@ class Turn:
     committed: bool = False
     index: int = 0                    # the choice index among n branches
     tool_use: ToolUse | None = None   # tools were offered: how the reply is read back
+    response_id: str | None = None    # the Responses API response this turn produces
+    keeper: Keeper | None = None      # stores that response
     _reply: tuple[str | None, list[ToolCall]] | None = field(default=None, repr=False)
+    _reader: CallReader | None = field(default=None, repr=False)      # tools read as the reply streams
+    _steps: list[StreamStep] = field(default_factory=list, repr=False)
     # branches of one request share its session; the last one to finish releases it
     _holders: list[int] = field(default_factory=lambda: [1], repr=False)
     _released: bool = field(default=False, repr=False)
@@ -116,6 +130,26 @@ class Turn:
         """The reply so far (what the client has been sent)."""
         return "".join(self.pieces)
 
+    def stream_tools(self) -> None:
+        """Read tool calls while the reply streams (the reply is then what was streamed)."""
+        if self.tool_use is not None:
+            self._reader = self.tool_use.reader()
+
+    def observe(self, out: GenerationOutput) -> None:
+        """Take one engine output into the reply."""
+        self.token_ids.extend(out.token_ids)
+        self.logprobs.extend(out.logprobs or ())
+        self.pieces.append(out.text)
+        if self._reader is not None:
+            self._steps.append(self._reader.feed(out.text, out.token_ids, out.finished))
+            if out.finished:
+                self._reply = self._reader.reply()
+
+    def take_steps(self) -> StreamStep:
+        """Content and tool-call deltas read since the last call (streamed tools only)."""
+        steps, self._steps = self._steps, []
+        return StreamStep("".join(s.content for s in steps), [d for s in steps for d in s.calls])
+
     def reply(self) -> tuple[str | None, list[ToolCall]]:
         """The finished reply as (content, tool calls), read once (tool call ids are made here)."""
         if self._reply is None:
@@ -130,6 +164,8 @@ class Turn:
     def finish_reason(self) -> str | None:
         if self.final is None:
             return None
+        if self.final.finish_reason == "length":    # a call cut short is still cut short
+            return "length"
         return "tool_calls" if self.reply()[1] else self.final.finish_reason
 
     def release(self) -> None:
@@ -147,6 +183,7 @@ class Turn:
         self._holders[0] = n
         seed = self.sampling.seed
         return [self] + [replace(self, request_id=uuid.uuid4().hex, index=i, pieces=[], token_ids=[], logprobs=[],
+                                 _steps=[],
                                  sampling=replace(self.sampling, seed=None if seed is None else (seed + i) & SEED_MASK))
                          for i in range(1, n)]
 
@@ -207,9 +244,7 @@ async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
             async for out in _until_draining(outputs, ctx.draining):
                 if out.token_ids and not turn.token_ids:
                     metrics.ttft.labels(turn.kind).observe(time.perf_counter() - t0)
-                turn.token_ids.extend(out.token_ids)
-                turn.logprobs.extend(out.logprobs or ())
-                turn.pieces.append(out.text)
+                turn.observe(out)
                 if out.finished:
                     if out.finish_reason not in ("stop", "length"):
                         outcome = "error"
@@ -218,12 +253,21 @@ async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
                     metrics.prompt_tokens.inc(out.prompt_tokens)
                     metrics.generation_tokens.inc(out.completion_tokens)
                     if turn.session is not None and turn.write:
-                        reply = turn.reply_message() if turn.kind == "chat" else None
-                        await turn.session.commit(out, reply)
+                        reply = turn.reply_message() if turn.kind != "completion" else None
+                        if turn.keeper is not None:
+                            await turn.keeper.save(turn)
+                        try:
+                            await turn.session.commit(out, reply, turn.response_id)
+                        except Exception:
+                            if turn.keeper is not None:
+                                await turn.keeper.discard()
+                            raise
                         turn.committed = True
                         metrics.written_tokens.inc(len(out.written_token_ids or ()))
                         outcome = "committed"
                     else:
+                        if turn.keeper is not None:
+                            await turn.keeper.save(turn)
                         outcome = "stateless" if turn.session is None else "read_only"
                 yield out
     except asyncio.CancelledError:

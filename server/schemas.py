@@ -407,8 +407,9 @@ class SessionForkRequest(SessionCreateRequest):
 
 
 def session_object(rec: Any, *, tier: str | None = None, state: Any = None, adapter_fingerprint: str | None = None,
-                   include_tokens: bool = False) -> dict[str, Any]:
-    """The OpenAI-style `session` object."""
+                   include_tokens: bool = False, state_error: Any = None) -> dict[str, Any]:
+    """The OpenAI-style `session` object; `state_error` (an APIError) says why its state cannot be used,
+    as GET on the session would."""
     out: dict[str, Any] = {
         "id": rec.session_id,
         "object": "session",
@@ -423,6 +424,8 @@ def session_object(rec: Any, *, tier: str | None = None, state: Any = None, adap
         "written_digest": rec.written_digest,
         "pending_tokens": len(rec.pending_token_ids),
         "residency": tier,
+        "state_error": None if state_error is None else {"status": state_error.status, "code": state_error.code,
+                                                         "message": state_error.body()["error"]["message"]},
     }
     if adapter_fingerprint is not None:
         out["adapter_fingerprint"] = adapter_fingerprint

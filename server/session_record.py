@@ -43,6 +43,7 @@ class SessionRecord:
     written_system: list[str] = field(default_factory=list)   # system messages written
     pending_token_ids: list[int] = field(default_factory=list)
     written_token_ids: list[int] | None = None                # debug setting only
+    last_response_id: str | None = None     # the Responses API response this state follows, if any
     record_version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +64,7 @@ class SessionRecord:
         self.message_log = []
         self.written_system = []
         self.pending_token_ids = []
+        self.last_response_id = None
         if self.written_token_ids is not None:
             self.written_token_ids = []
 

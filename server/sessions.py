@@ -162,9 +162,11 @@ class SessionTurn:
         self.tokens = build_text_turn(prompt_ids, self.record.pending_token_ids, granularity)
         return self.tokens
 
-    async def commit(self, output: GenerationOutput, reply: ChatMessage | None = None) -> SessionRecord | None:
+    async def commit(self, output: GenerationOutput, reply: ChatMessage | None = None,
+                     response_id: str | None = None) -> SessionRecord | None:
         """Store the turn's state and record atomically (only after a normal finish). Shielded: once
-        started it completes even if the request is cancelled, so memory and store never disagree."""
+        started it completes even if the request is cancelled, so memory and store never disagree.
+        `response_id` names the Responses API response this turn produced (None for other routes)."""
         if not self.write:
             return None
         if output.finish_reason not in ("stop", "length") or output.final_state is None:
@@ -178,6 +180,7 @@ class SessionTurn:
         rec.version += 1
         rec.turns += 1
         rec.last_used_at = self._mgr.clock()
+        rec.last_response_id = response_id
         state = output.final_state.detach().to(torch.float32).reshape(self._mgr.identity.state_shape)
         task = asyncio.ensure_future(self._mgr._put(self.key, rec, state))
         await asyncio.shield(task)
@@ -320,6 +323,20 @@ class SessionManager:
         recs = sorted(await asyncio.to_thread(scan), key=lambda r: r.session_id)
         return recs[:limit], len(recs) > limit
 
+    async def state_problems(self, owner: str, records: Sequence[SessionRecord]) -> dict[str, APIError]:
+        """The error GET would answer for each listed session whose state cannot be used, so that a
+        listing and GET agree (states are read, but not made resident)."""
+        def check() -> dict[str, APIError]:
+            problems = {}
+            for rec in records:
+                try:
+                    self.store.verify(storage_key(owner, rec.session_id))
+                except Exception as exc:  # noqa: BLE001 - reported per session
+                    problems[rec.session_id] = state_error(exc, rec.session_id)
+            return problems
+
+        return await asyncio.to_thread(check)
+
     async def delete(self, owner: str, session_id: str) -> None:
         session_id = check_session_id(session_id)
         key = storage_key(owner, session_id)
@@ -370,6 +387,10 @@ class SessionManager:
 
         # a reset also recovers a session whose stored state is corrupted
         return await self._mutate(owner, session_id, change, create=await self._exists_any(owner, session_id))
+
+    async def exists(self, owner: str, session_id: str) -> bool:
+        """Whether the session is stored (whatever the state of its tensors)."""
+        return await self._exists_any(owner, check_session_id(session_id))
 
     async def _exists_any(self, owner: str, session_id: str) -> bool:
         return await asyncio.to_thread(self.store.contains, storage_key(owner, session_id))

@@ -336,6 +336,20 @@ class TieredStateStore:
             manifest = self._backend.get_manifest(key)
         return None if manifest is None else manifest["record"]
 
+    def verify(self, key: str) -> None:
+        """Raise what get() would raise for a state that cannot be used, without changing residency
+        (a resident state was checked when it came in)."""
+        validate_storage_key(key)
+        with self._lock:
+            if key in self._device or key in self._host:
+                return
+        if self._backend is None:
+            return
+        with _backend_errors("reading a session state", self._backend):
+            loaded = self._backend.get(key)
+        if loaded is not None:
+            self._check(loaded)
+
     def keys(self) -> list[str]:
         """Every key in any tier (lists the backend: O(sessions))."""
         with self._lock:

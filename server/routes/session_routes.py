@@ -46,7 +46,8 @@ async def list_sessions(request: Request, limit: int = Query(100, ge=1, le=1000)
     if after is not None:
         check_session_id(after, "after")
     recs, has_more = await ctx.sessions.list(owner, limit=limit, after=after)
-    data = [_obj(ctx, r) for r in recs]
+    problems = await ctx.sessions.state_problems(owner, recs)
+    data = [_obj(ctx, r, state_error=problems.get(r.session_id)) for r in recs]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}
 

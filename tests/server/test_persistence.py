@@ -85,6 +85,11 @@ def test_restart_kill9_and_corrupted_states(engine, tiny_paths, tmp_path, proc_s
                             409, "state_corrupted")
         err = assert_openai_error(http.get("/v1/sessions/F"), 409, "adapter_mismatch")
         assert "fingerprint" in err["message"]
+        # the listing says of each session what GET says
+        listed = {s["id"]: s for s in http.get("/v1/sessions").json()["data"]}
+        assert listed["E"]["state_error"]["code"] == "state_corrupted" and listed["E"]["state_error"]["status"] == 409
+        assert listed["F"]["state_error"]["code"] == "adapter_mismatch"
+        assert listed["A"]["state_error"] is None and http.get("/v1/sessions/A").json()["state_error"] is None
         assert http.get("/metrics").status_code == 200
 
         # kill -9 while C's second turn is streaming

@@ -18,7 +18,8 @@ import openai
 import pytest
 import torch
 
-from server.tools import ContentGate, HermesToolParser, ToolCall, ToolUse, forced_calls, forced_calls_schema
+from server.tool_stream import ArrayCallReader, HermesCallReader, NamedCallReader
+from server.tools import HermesToolParser, ToolCall, ToolUse, forced_calls_schema
 from tests.server.conftest import ENGINES, ThreadServer, app_kwargs_for, assert_openai_error, make_settings
 
 # a ChatML template that knows tools, in the Hermes/Qwen form the built-in parser reads
@@ -73,14 +74,85 @@ def test_vllm_hermes_parser_reads_the_same_calls(dm_tok):
         VllmToolParser("no-such-parser", dm_tok[1])
 
 
-def test_content_gate_holds_back_a_starting_marker():
-    gate = ContentGate()
-    out = [gate.feed(piece) for piece in ["Hello ", "wor", "ld <to", "ol_", "call>{\"name\"", "...}"]]
-    assert "".join(out) == "Hello world " and gate.calling
-    plain = ContentGate()
-    assert plain.feed("a <to") == "a " and plain.feed("y") == "<toy" and plain.flush() == ""
-    ends = ContentGate()
-    assert ends.feed("x <tool") == "x " and ends.flush() == "<tool"
+def _stream(reader, text: str, seed: int, tokenizer=None):
+    """Feed `text` in random pieces (with their token ids when a tokenizer is given); return the
+    streamed content, the calls assembled from the deltas as a client does, and the reply."""
+    import random
+
+    rng = random.Random(seed)
+    ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else list(text)
+    content, calls, i = "", {}, 0
+    while i < len(ids):
+        n = rng.randint(1, 4)
+        if tokenizer is not None:
+            piece = tokenizer.decode(ids[:i + n])[len(tokenizer.decode(ids[:i])):]
+            step = reader.feed(piece, ids[i:i + n], final=i + n >= len(ids))
+        else:
+            step = reader.feed("".join(ids[i:i + n]), final=i + n >= len(ids))
+        i += n
+        content += step.content
+        for d in step.calls:
+            if d.id is not None:
+                assert d.index == len(calls) and d.name       # a call opens with its id and name
+                calls[d.index] = [d.id, d.name, d.arguments]
+            else:
+                calls[d.index][2] += d.arguments
+    return content, [tuple(c) for c in calls.values()], reader.reply()
+
+
+STREAMED = [
+    ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "n": [1, {"a": "}"}]}}\n'
+     '</tool_call>\n<tool_call>{"arguments": {"x": "y\\"z"}, "name": "b"}</tool_call>',
+     "Let me check.", [("get_weather", {"city": "Paris", "n": [1, {"a": "}"}]}), ("b", {"x": 'y"z'})]),
+    ("It is sunny <tool", "It is sunny <tool", []),                    # a marker that never came
+    ("<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
+    ('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}', None, [("f", {"a": 1})]),   # string args, cut
+]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_streamed_calls_are_the_reply(seed):
+    """However the reply is cut into pieces, the client assembles exactly the calls the reply holds
+    (the session logs the reply), names before arguments, and content stops where a call starts."""
+    for text, content, calls in STREAMED:
+        streamed, assembled, (reply_content, reply_calls) = _stream(HermesCallReader(), text, seed)
+        assert reply_content == content and streamed == (content or "")
+        assert [(c.id, c.name, c.arguments) for c in reply_calls] == assembled
+        assert [(name, json.loads(args)) for _, name, args in assembled] == calls
+        whole = HermesToolParser().parse(text)
+        assert whole[0] == content and [(c.name, c.arguments) for c in whole[1]] == [a[1:] for a in assembled]
+    _, first_only, _ = _stream(HermesCallReader(max_calls=1), STREAMED[0][0], seed)
+    assert [c[1] for c in first_only] == ["get_weather"]
+    forced = '[{"name":"get_time","parameters":{"zone":"CET"}},{"name":"get_weather","parameters":{"city":"Nice"}}]'
+    _, assembled, reply = _stream(ArrayCallReader(), forced, seed)
+    assert [(n, a) for _, n, a in assembled] == [("get_time", '{"zone":"CET"}'), ("get_weather", '{"city":"Nice"}')]
+    assert reply[0] is None and [c.arguments for c in reply[1]] == ['{"zone":"CET"}', '{"city":"Nice"}']
+    _, assembled, _ = _stream(NamedCallReader("get_time"), '{"zone":"UTC"}', seed)
+    assert [(n, a) for _, n, a in assembled] == [("get_time", '{"zone":"UTC"}')]
+
+
+def test_content_is_held_back_only_while_it_may_start_a_call():
+    reader = HermesCallReader()
+    out = [reader.feed(p).content for p in ["Hello ", "wor", "ld <to", "ol_", 'call>{"name"', ': "f"}']]
+    assert "".join(out) == "Hello world" and reader.feed("", final=True).content == ""
+    plain = HermesCallReader()
+    assert plain.feed("a <to").content == "a" and plain.feed("y").content == " <toy"
+    assert plain.feed(" ", final=True).content == " "
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM's streaming hermes parser")
+def test_vllm_streaming_parser_gives_the_same_calls(dm_tok, seed):
+    from server.engine.vllm_tools import VllmToolParser
+
+    parser = VllmToolParser("hermes", dm_tok[1])
+    name_first = STREAMED[0][0].replace('{"arguments": {"x": "y\\"z"}, "name": "b"}', '{"name": "b", "arguments": {"x": "y\\"z"}}')
+    assert name_first != STREAMED[0][0]    # vLLM's streaming reader expects the name first
+    for text, content, calls in [(name_first, *STREAMED[0][1:]), *STREAMED[1:3]]:
+        streamed, assembled, (reply_content, reply_calls) = _stream(parser.reader(), text, seed, dm_tok[1])
+        assert [(c.id, c.name, c.arguments) for c in reply_calls] == assembled
+        assert [(name, json.loads(args)) for _, name, args in assembled] == calls
+        assert streamed.strip() == (content or "") and (reply_content or "").strip() == (content or "")
 
 
 def test_forced_choices_become_schemas():
@@ -92,9 +164,9 @@ def test_forced_choices_become_schemas():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([], required)
     assert forced_calls_schema(tools, "auto") is None
-    calls = forced_calls('[{"name": "get_time", "parameters": {"zone": "CET"}}]', "required")
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_time", {"zone": "CET"})]
-    assert forced_calls('{"zone": "UTC"', "required") == []    # cut short: no call
+    content, calls = ToolUse("required", HermesToolParser()).read('[{"name": "get_time", "parameters": {"zone": "CET"}}]')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_time", {"zone": "CET"})]
+    assert ToolUse("required", HermesToolParser()).read('[{"na') == ('[{"na', [])   # cut before a name: no call
     one = ToolUse("auto", HermesToolParser(), parallel=False)
     assert len(one.read('<tool_call>{"name": "a"}</tool_call><tool_call>{"name": "b"}</tool_call>')[1]) == 1
 
@@ -125,12 +197,13 @@ def test_named_tool_choice(client):
     (call,) = c.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
-    # streamed: the call arrives as a tool_calls delta, then finish_reason tool_calls
+    # streamed: the call opens with its id and name, then its arguments arrive in pieces
     chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME],
                                                  tool_choice=choice, max_tokens=40, temperature=0, stream=True))
     deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
-    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
-        (0, "get_weather", call.function.arguments)]
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather" and len(deltas) > 2
+    assert {d.index for d in deltas} == {0} and all(d.id is None and d.function.name is None for d in deltas[1:])
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
 
@@ -139,10 +212,13 @@ def test_required_tool_choice(client):
     r = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
                                        max_tokens=120, temperature=0.7, seed=2, n=2)
     for c in r.choices:
-        assert c.finish_reason == "tool_calls" and c.message.tool_calls
-        for call in c.message.tool_calls:
+        # the random model may list calls until max_tokens: then the last one is cut short
+        assert c.message.tool_calls and c.finish_reason in ("tool_calls", "length"), c
+        complete = c.message.tool_calls if c.finish_reason == "tool_calls" else c.message.tool_calls[:-1]
+        for call in complete:
             spec = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
             jsonschema.validate(json.loads(call.function.arguments), spec["function"]["parameters"])
+    assert any(c.finish_reason == "tool_calls" for c in r.choices)
 
 
 def test_tools_are_rendered_and_none_hides_them(http, server):
@@ -260,7 +336,8 @@ def test_auto_tool_calls_are_read_from_the_reply(scripted):
                                                  stream=True))
     content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     calls = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
-    assert content == "Checking." and [d.function.name for d in calls] == ["get_weather"]
+    assert content == "Checking." and [d.function.name for d in calls if d.id] == ["get_weather"]
+    assert json.loads("".join(d.function.arguments or "" for d in calls)) == {"city": "Nice", "unit": "C"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # no call in the reply: plain content, finish_reason stop, nothing held back
     engine.script = engine.tokenizer.encode("It is sunny <tool", add_special_tokens=False)
@@ -289,3 +366,28 @@ def test_a_resent_tool_call_renders_with_arguments_as_a_mapping():
     ids = render(tok, [ChatMessage("user", "hi"), ChatMessage("assistant", "", (call,))], False, tools=[WEATHER])
     text = tok.decode(ids)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>' in text
+
+
+def test_a_streamed_call_sent_back_is_recognised_as_written(scripted):
+    """The client assembles the streamed call; sent back with its result, it is context (written
+    once), because the session logged exactly what was streamed."""
+    srv, engine = scripted
+    reply = 'On it.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon", "unit": "F"}}\n</tool_call>'
+    engine.script = engine.tokenizer.encode(reply, add_special_tokens=False)
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], max_tokens=100,
+                                                 stream=True, extra_body={"session_id": "streamed-call"}))
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    call = {"id": deltas[0].id, "type": "function",
+            "function": {"name": deltas[0].function.name, "arguments": "".join(d.function.arguments or "" for d in deltas)}}
+    assert content.strip() == "On it." and json.loads(call["function"]["arguments"]) == {"city": "Lyon", "unit": "F"}
+    engine.script = engine.tokenizer.encode("Fine.", add_special_tokens=False)
+    sent = ASK + [{"role": "assistant", "content": content, "tool_calls": [call]},
+                  {"role": "tool", "tool_call_id": call["id"], "content": "15F"}]
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": sent, "tools": [WEATHER], "max_tokens": 5,
+                                                            "session_id": "streamed-call", "return_token_ids": True},
+                   timeout=60).json()
+    memory = r["delta_mem"]
+    new = engine.tokenizer.decode(r["prompt_token_ids"][memory["context_tokens"] + memory["pending_tokens"]:])
+    assert new.startswith("<|im_start|>user\n<tool_response>") and "get_weather" not in new
