@@ -44,6 +44,7 @@ class _StoreCollector(Collector):
             ("deltamem_state_persist_failures", "persist_failures", "Failed writes to the persistent tier"),
             ("deltamem_state_hits_device", "hits_device", "Lookups served from the device tier"),
             ("deltamem_state_hits_host", "hits_host", "Lookups served from the host tier"),
+            ("deltamem_state_stale_drops", "stale_drops", "Resident states dropped because another replica committed"),
         ):
             yield CounterMetricFamily(name, doc, value=s.get(key, 0))
         ev = CounterMetricFamily("deltamem_state_evictions", "States evicted from a tier", labels=["tier"])

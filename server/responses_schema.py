@@ -7,6 +7,7 @@ naming them; a request that was not honoured never gets a 200.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -191,8 +192,6 @@ class ResponseRequest(_GenerationBody):
         if fmt is not None and fmt.type == "json_object":
             return StructuredOutput("json_object")
         if fmt is not None and fmt.type == "json_schema":
-            import json
-
             return StructuredOutput("json_schema", json.dumps(fmt.schema_ or {"type": "object"}))
         tools = self.tool_dicts()
         return forced_calls_schema(tools, self.choice()) if tools else None

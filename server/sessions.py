@@ -17,10 +17,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from delta_mem_vllm.state import (
+    ABSENT,
     PersistError,
     Snapshot,
     StateFormatError,
     StateMismatchError,
+    VersionConflict,
     export_document,
     import_document,
     storage_key,
@@ -133,6 +135,7 @@ class SessionTurn:
         self._new_entries: list[str] = []
         self._new_system: list[str] = []
         self.tokens: TurnTokens | None = None
+        self._base_version = record.version    # the commit goes over exactly this stored version
 
     @property
     def session_id(self) -> str:
@@ -182,7 +185,7 @@ class SessionTurn:
         rec.last_used_at = self._mgr.clock()
         rec.last_response_id = response_id
         state = output.final_state.detach().to(torch.float32).reshape(self._mgr.identity.state_shape)
-        task = asyncio.ensure_future(self._mgr._put(self.key, rec, state))
+        task = asyncio.ensure_future(self._mgr._put(self.key, rec, state, expect=self._base_version))
         await asyncio.shield(task)
         self.record = rec
         return rec
@@ -210,9 +213,15 @@ class SessionManager:
         return Snapshot(state=state, record=rec.to_dict(), adapter_fingerprint=self.identity.adapter_fingerprint,
                         layer_names=list(self.identity.layer_names), model_fingerprint=self.identity.model_fingerprint)
 
-    async def _put(self, key: str, rec: SessionRecord, state: torch.Tensor) -> None:
+    async def _put(self, key: str, rec: SessionRecord, state: torch.Tensor, expect: int | None = None) -> None:
+        """Store a snapshot; with `expect`, only over that stored version (ABSENT: a new session), else
+        409: another replica sharing the store committed to this session first."""
         try:
-            await asyncio.to_thread(self.store.put, key, self._snapshot(rec, state))
+            await asyncio.to_thread(self.store.put, key, self._snapshot(rec, state), expect)
+        except VersionConflict as exc:
+            raise conflict(f"session {rec.session_id!r} was changed by another request (another replica "
+                           f"committed first: {exc}); nothing was committed, send the request again",
+                           code="session_conflict") from exc
         except StateFormatError as exc:
             raise APIError(500, f"refusing to store an invalid state: {exc}", type="server_error",
                            code="invalid_state") from exc
@@ -266,8 +275,15 @@ class SessionManager:
                     raise not_found(f"session {session_id!r} not found", param="session_id", code="session_not_found")
                 rec = self._new_record(owner, session_id)
                 state = self.identity.zero_state()
-                await self._put(key, rec, state)
-            else:
+                try:
+                    await self._put(key, rec, state, expect=ABSENT)
+                except APIError as exc:
+                    if exc.code != "session_conflict":
+                        raise
+                    snap = await self._load(key, session_id)   # created by another replica meanwhile
+                    if snap is None:
+                        raise
+            if snap is not None:
                 rec, state = SessionRecord.from_dict(snap.record), snap.state
             if reset:
                 rec.clear_memory()
@@ -284,10 +300,14 @@ class SessionManager:
         key = storage_key(owner, session_id)
         lease = await self._lock(key, session_id)
         try:
+            exists = conflict(f"session {session_id!r} already exists", code="session_exists", param="id")
             if await self._load(key, session_id) is not None:
-                raise conflict(f"session {session_id!r} already exists", code="session_exists", param="id")
+                raise exists
             rec = self._new_record(owner, session_id, ttl, metadata)
-            await self._put(key, rec, self.identity.zero_state())
+            try:
+                await self._put(key, rec, self.identity.zero_state(), expect=ABSENT)
+            except APIError as exc:
+                raise (exists if exc.code == "session_conflict" else exc) from None
             return rec
         finally:
             lease.release()
@@ -358,22 +378,24 @@ class SessionManager:
         key = storage_key(owner, session_id)
         lease = await self._lock(key, session_id)
         try:
+            unreadable = False
             try:
                 snap = await self._load(key, session_id)
             except APIError:
                 if not create:
                     raise
-                snap = None  # an unreadable state may be replaced by an import or a reset
+                snap, unreadable = None, True  # an unreadable state may be replaced by an import or a reset
             if snap is None:
                 if not create:
                     raise not_found(f"session {session_id!r} not found", code="session_not_found")
                 rec, state = await self._salvage_record(key, owner, session_id), self.identity.zero_state()
             else:
                 rec, state = SessionRecord.from_dict(snap.record), snap.state
+            expect = None if unreadable else ABSENT if snap is None else rec.version
             rec, state = change(rec, state)
             rec.version += 1
             rec.last_used_at = self.clock()
-            await self._put(key, rec, state)
+            await self._put(key, rec, state, expect=expect)
             return rec
         finally:
             lease.release()
@@ -403,14 +425,18 @@ class SessionManager:
         key = storage_key(owner, new_id)
         lease = await self._lock(key, new_id)
         try:
+            exists = conflict(f"session {new_id!r} already exists", code="session_exists", param="id")
             if await self._load(key, new_id) is not None:
-                raise conflict(f"session {new_id!r} already exists", code="session_exists", param="id")
+                raise exists
             rec = SessionRecord.from_dict(src.to_dict())
             now = self.clock()
             rec.session_id, rec.created_at, rec.last_used_at, rec.version = new_id, now, now, 0
             rec.ttl = ttl if ttl is not None else src.ttl
             rec.metadata = dict(metadata) if metadata is not None else dict(src.metadata)
-            await self._put(key, rec, state)
+            try:
+                await self._put(key, rec, state, expect=ABSENT)
+            except APIError as exc:
+                raise (exists if exc.code == "session_conflict" else exc) from None
             return rec
         finally:
             lease.release()
@@ -474,7 +500,10 @@ class SessionManager:
             try:
                 data = await asyncio.to_thread(self.store.peek_record, key)
                 if data and SessionRecord.from_dict(data).expired(self.clock()):
-                    removed += bool(await asyncio.to_thread(self.store.delete, key))
+                    try:   # only the version seen expired: a replica may have used it since
+                        removed += bool(await asyncio.to_thread(self.store.delete, key, data.get("version", 0)))
+                    except VersionConflict:
+                        pass
             finally:
                 lease.release()
         return removed

@@ -5,7 +5,9 @@ Usage from a test module::
     from redis_server import RedisServer, redis_server_binary
     srv = RedisServer(tmp_path).start(); ...; srv.stop()
 
-No persistence (``--save '' --appendonly no``), bound to 127.0.0.1, data dir inside ``tmp_path``.
+No persistence (``--save '' --appendonly no``) unless ``durable=True`` (AOF with ``appendfsync
+always``: what a restart must not lose), bound to 127.0.0.1, data dir inside ``tmp_path``.
+``stop()`` then ``start()`` restarts it on the same port with the same data.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def _can_connect(port: int) -> bool:
 
 
 class RedisServer:
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | Path, durable: bool = False) -> None:
         self.workdir = Path(workdir)
+        self.durable = durable
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -52,11 +55,12 @@ class RedisServer:
             raise RuntimeError("redis-server binary not found")
         self.workdir.mkdir(parents=True, exist_ok=True)
         last_err = ""
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         for _ in range(3):  # the free port may be taken between probe and bind: retry
-            port = _free_port()
+            port = self.port or _free_port()   # a restart keeps its port
             log = self.workdir / f"redis-{port}.log"
             proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
                  "--dir", str(self.workdir), "--daemonize", "no", "--logfile", str(log)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from delta_mem_vllm.state import (
+    ABSENT,
     FilesystemBackend,
     MemoryBackend,
     PersistError,
@@ -26,6 +27,7 @@ from delta_mem_vllm.state import (
     StateFormatError,
     StateMismatchError,
     TieredStateStore,
+    VersionConflict,
     storage_key,
 )
 
@@ -288,9 +290,10 @@ def test_redis_store_and_ping_false_after_stop(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5
     with pytest.raises(PersistError):
         store.put(key(0), snap(7.0))
-    assert same(store.get(key(2)), snap(2.0))  # still served from memory; the failed commit changed nothing
     assert store.stats()["persist_failures"] == 1
-    for call in (lambda: store.get(key(0)), store.keys, lambda: store.tier_of(key(0)), lambda: store.delete(key(2))):
+    # a resident copy is not served either: another replica may have committed since (shared backend)
+    for call in (lambda: store.get(key(0)), lambda: store.get(key(2)), store.keys, lambda: store.tier_of(key(0)),
+                 lambda: store.delete(key(2))):
         with pytest.raises(PersistError):  # backend down → one error type (HTTP 503), never a bare redis error
             call()
     assert store.tier_of(key(2)) == "device"  # the failed delete removed nothing
@@ -508,3 +511,69 @@ def test_concurrent_sessions_no_crosstalk(tmp_path: Path) -> None:
             last = max(s for s in range(30) if s % 4 == j)
             assert same(store.get(key(f"{t}-{j}")), snap(float(t * 1000 + last), version=last))
     assert len(store.keys()) == 24
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditional writes: replicas sharing a backend
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "filesystem", "redis"])
+def any_backend(request, tmp_path):
+    if request.param == "memory":
+        yield MemoryBackend()
+    elif request.param == "filesystem":
+        yield FilesystemBackend(tmp_path / "fs")
+    else:
+        if redis_server_binary() is None:
+            pytest.skip("redis-server binary not found (apt-get install redis-server)")
+        srv = RedisServer(tmp_path / "r").start()
+        yield RedisBackend(srv.url)
+        srv.stop()
+
+
+def test_conditional_puts_and_deletes(any_backend):
+    be = any_backend
+    be.put(key(0), snap(1.0, version=0), expect_version=ABSENT)
+    with pytest.raises(VersionConflict):
+        be.put(key(0), snap(2.0, version=0), expect_version=ABSENT)      # created by someone else
+    be.put(key(0), snap(3.0, version=1), expect_version=0)
+    assert be.version(key(0)) == 1 and be.version(key(1)) is None
+    with pytest.raises(VersionConflict):
+        be.put(key(0), snap(4.0, version=1), expect_version=0)           # the loser of a race
+    with pytest.raises(VersionConflict):
+        be.put(key(1), snap(4.0, version=1), expect_version=0)           # deleted meanwhile
+    assert same(be.get(key(0)), snap(3.0, version=1)) and be.get(key(1)) is None   # losers changed nothing
+    with pytest.raises(VersionConflict):
+        be.delete(key(0), expect_version=0)
+    assert be.delete(key(0), expect_version=1) and be.version(key(0)) is None
+    be.put(key(2), snap(5.0, version=7))                                 # unconditional, as before
+    assert be.version(key(2)) == 7
+
+
+def test_a_shared_backend_never_serves_a_stale_resident_state(tmp_path):
+    """Replica A holds version 1 resident; B commits version 2 through the same Redis: A's next read
+    is version 2, and A's commit from its old copy is refused."""
+    if redis_server_binary() is None:
+        pytest.skip("redis-server binary not found (apt-get install redis-server)")
+    srv = RedisServer(tmp_path / "r").start()
+    try:
+        a, b = (TieredStateStore(RedisBackend(srv.url)) for _ in range(2))
+        a.put(key(0), snap(1.0, version=1), expect_version=ABSENT)
+        assert same(a.get(key(0)), snap(1.0, version=1)) and same(b.get(key(0)), snap(1.0, version=1))
+        b.put(key(0), snap(2.0, version=2), expect_version=1)
+        with pytest.raises(VersionConflict):
+            a.put(key(0), snap(9.0, version=2), expect_version=1)
+        assert same(a.get(key(0)), snap(2.0, version=2)) and a.stats()["restores"] == 1
+        b.put(key(0), snap(3.0, version=3), expect_version=2)
+        assert same(a.get(key(0)), snap(3.0, version=3)) and a.stats()["stale_drops"] == 1
+        assert b.delete(key(0)) and a.get(key(0)) is None               # deleted elsewhere: gone here too
+        # a state written before versions were kept in their own field still compares by its record
+        b.backend.put(key(5), snap(1.0, version=4))
+        b.backend._client.hdel(b.backend._rkey(key(5)), "version")
+        assert b.backend.version(key(5)) == 4
+        b.backend.put(key(5), snap(2.0, version=5), expect_version=4)
+        with pytest.raises(VersionConflict):
+            b.backend.put(key(5), snap(2.0, version=5), expect_version=4)
+    finally:
+        srv.stop()

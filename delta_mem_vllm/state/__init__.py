@@ -4,7 +4,7 @@ persistent backends (filesystem, Redis, memory) and the device → host → back
 Framework-free (torch + safetensors; redis-py only for RedisBackend), so it is testable on a CPU.
 """
 
-from .backends import FilesystemBackend, MemoryBackend, PersistentBackend, RedisBackend
+from .backends import ABSENT, FilesystemBackend, MemoryBackend, PersistentBackend, RedisBackend, VersionConflict
 from .format import (
     FORMAT_VERSION,
     Snapshot,
@@ -19,6 +19,7 @@ from .keys import SESSION_ID_PATTERN, storage_key, validate_session_id, validate
 from .store import PersistError, TieredStateStore
 
 __all__ = [
+    "ABSENT",
     "FORMAT_VERSION",
     "SESSION_ID_PATTERN",
     "FilesystemBackend",
@@ -30,6 +31,7 @@ __all__ = [
     "StateFormatError",
     "StateMismatchError",
     "TieredStateStore",
+    "VersionConflict",
     "decode_snapshot",
     "encode_snapshot",
     "export_document",

@@ -22,19 +22,47 @@ from .format import Snapshot, StateFormatError, decode_snapshot, encode_snapshot
 from .keys import is_storage_key, validate_storage_key
 
 __all__ = [
+    "ABSENT",
     "FilesystemBackend",
     "MemoryBackend",
     "PersistentBackend",
     "RedisBackend",
+    "VersionConflict",
+    "record_version",
 ]
+
+# expect_version=ABSENT: the key must not exist yet
+ABSENT = -1
+
+
+class VersionConflict(RuntimeError):
+    """A conditional put or delete found another version under the key: another writer (a replica
+    sharing the backend) committed first. Nothing was changed."""
+
+
+def record_version(record: dict[str, Any]) -> int:
+    """Every snapshot's record carries an integer ``version`` that grows by one per commit."""
+    return int(record.get("version", 0))
 
 
 @runtime_checkable
 class PersistentBackend(Protocol):
-    """The persistent tier. Implementations must be thread-safe."""
+    """The persistent tier. Implementations must be thread-safe.
 
-    def put(self, key: str, snapshot: Snapshot) -> None:
-        """Store ``snapshot`` under ``key``; durable (per the backend's guarantees) when it returns."""
+    Conditional writes make replicas that share a backend safe without a lock service: a commit
+    names the version it started from (``expect_version``) and fails with VersionConflict when the
+    stored version is another one. ``shared`` backends can change under a process (other writers),
+    so the tiered store checks ``version`` before trusting a resident copy.
+    """
+
+    shared: bool
+
+    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
+        """Store ``snapshot`` under ``key``; durable (per the backend's guarantees) when it returns.
+        With ``expect_version`` (ABSENT: must not exist) the put happens only over that version."""
+
+    def version(self, key: str) -> int | None:
+        """The stored record's version, None when absent (cheap: no tensor bytes)."""
 
     def get(self, key: str) -> Snapshot | None:
         """The CPU snapshot, None when absent; StateFormatError when stored data is corrupted."""
@@ -44,8 +72,9 @@ class PersistentBackend(Protocol):
 
     def contains(self, key: str) -> bool: ...
 
-    def delete(self, key: str) -> bool:
-        """Remove ``key``; True when something was removed."""
+    def delete(self, key: str, expect_version: int | None = None) -> bool:
+        """Remove ``key``; True when something was removed. With ``expect_version``, only that version
+        (VersionConflict when another one is stored)."""
 
     def keys(self) -> list[str]: ...
 
@@ -53,6 +82,15 @@ class PersistentBackend(Protocol):
         """Readiness: True when the backend is reachable and writable."""
 
     def close(self) -> None: ...
+
+
+def _check_expected(key: str, current: int | None, expect: int | None) -> None:
+    if expect is None:
+        return
+    if (current is None) != (expect == ABSENT) or (current is not None and current != expect):
+        want = "no state" if expect == ABSENT else f"version {expect}"
+        have = "none" if current is None else f"version {current}"
+        raise VersionConflict(f"state {key[:12]}… changed: expected {want}, found {have}")
 
 
 class _StripedLocks:
@@ -76,16 +114,26 @@ class MemoryBackend:
     For tests and for a "no persistence" server: data dies with the process.
     """
 
+    shared = False
+
     def __init__(self) -> None:
-        self._data: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self._data: dict[str, tuple[bytes, bytes, int]] = {}
         self._lock = threading.Lock()
 
-    def put(self, key: str, snapshot: Snapshot) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
         validate_storage_key(key)
         data, manifest = encode_snapshot(snapshot)
         blob = json.dumps(manifest).encode()  # store serialised: no shared mutable record
         with self._lock:
-            self._data[key] = (data, blob)  # type: ignore[assignment]
+            item = self._data.get(key)
+            _check_expected(key, None if item is None else item[2], expect_version)
+            self._data[key] = (data, blob, record_version(snapshot.record))
+
+    def version(self, key: str) -> int | None:
+        validate_storage_key(key)
+        with self._lock:
+            item = self._data.get(key)
+        return None if item is None else item[2]
 
     def _load(self, key: str) -> tuple[bytes, dict[str, Any]] | None:
         validate_storage_key(key)
@@ -93,8 +141,8 @@ class MemoryBackend:
             item = self._data.get(key)
         if item is None:
             return None
-        data, blob = item
-        return data, json.loads(blob)  # type: ignore[arg-type]
+        data, blob, _ = item
+        return data, json.loads(blob)
 
     def get(self, key: str) -> Snapshot | None:
         item = self._load(key)
@@ -109,9 +157,11 @@ class MemoryBackend:
         with self._lock:
             return key in self._data
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, expect_version: int | None = None) -> bool:
         validate_storage_key(key)
         with self._lock:
+            item = self._data.get(key)
+            _check_expected(key, None if item is None else item[2], expect_version)
             return self._data.pop(key, None) is not None
 
     def keys(self) -> list[str]:
@@ -188,6 +238,8 @@ class FilesystemBackend:
     processes writing the same root are not supported (use Redis for several replicas).
     """
 
+    shared = False   # one process writes a root
+
     def __init__(self, root: str | os.PathLike[str], *, clean_on_start: bool = True, fsync: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -213,12 +265,14 @@ class FilesystemBackend:
             if created_parent:
                 _fsync_dir(self.root)
 
-    def put(self, key: str, snapshot: Snapshot) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
         data, manifest = encode_snapshot(snapshot)
         d = self._dir(key)
         data_name = f"{_DATA_PREFIX}{uuid.uuid4().hex}{_DATA_SUFFIX}"
         pointer = json.dumps({"data_file": data_name, "manifest": manifest}, separators=(",", ":")).encode()
         with self._locks(key):
+            if expect_version is not None:
+                _check_expected(key, self._version_locked(d), expect_version)
             self._ensure_dir(d)
             self._write(d, data_name, data)
             self._write(d, _MANIFEST_FILE, pointer)  # the commit point
@@ -275,12 +329,23 @@ class FilesystemBackend:
             pointer = self._read_pointer(d)
         return None if pointer is None else validate_manifest(pointer["manifest"])
 
+    def _version_locked(self, d: Path) -> int | None:
+        pointer = self._read_pointer(d)
+        return None if pointer is None else record_version(pointer["manifest"].get("record") or {})
+
+    def version(self, key: str) -> int | None:
+        d = self._dir(key)
+        with self._locks(key):
+            return self._version_locked(d)
+
     def contains(self, key: str) -> bool:
         return (self._dir(key) / _MANIFEST_FILE).is_file()
 
-    def delete(self, key: str) -> bool:
+    def delete(self, key: str, expect_version: int | None = None) -> bool:
         d = self._dir(key)
         with self._locks(key):
+            if expect_version is not None:
+                _check_expected(key, self._version_locked(d), expect_version)
             if not d.is_dir():
                 return False
             existed = (d / _MANIFEST_FILE).is_file()
@@ -355,8 +420,9 @@ class FilesystemBackend:
 class RedisBackend:
     """Snapshots in Redis, one hash per key ``<prefix><key>`` with fields ``manifest`` and ``data``.
 
-    Both fields are written by one ``HSET`` (atomic in Redis), so a reader sees the old pair or the
-    new pair. "Durable on return" means acknowledged by the Redis server; surviving a Redis restart is
+    Both fields and the record's ``version`` are written by one ``HSET`` (atomic in Redis), so a reader
+    sees the old pair or the new pair; a conditional put or delete runs as one Lua script (atomic
+    compare-and-set), which makes replicas sharing the server safe without any lock service. "Durable on return" means acknowledged by the Redis server; surviving a Redis restart is
     Redis' own persistence configuration (AOF ``appendfsync always|everysec`` or RDB), to be set by the
     operator. Requires the ``redis`` package (extra ``delta-mem-vllm[redis]``).
     """
@@ -380,6 +446,10 @@ class RedisBackend:
         self._client = client
         self.url = url
         self.prefix = prefix
+        self._cas_put = client.register_script(_CAS_PUT)
+        self._cas_delete = client.register_script(_CAS_DELETE)
+
+    shared = True   # other replicas write the same keys
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.url!r}, prefix={self.prefix!r})"
@@ -387,10 +457,24 @@ class RedisBackend:
     def _rkey(self, key: str) -> str:
         return self.prefix + validate_storage_key(key)
 
-    def put(self, key: str, snapshot: Snapshot) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
         data, manifest = encode_snapshot(snapshot)
         blob = json.dumps(manifest, separators=(",", ":")).encode()
-        self._client.hset(self._rkey(key), mapping={"manifest": blob, "data": data})
+        version = record_version(snapshot.record)
+        if expect_version is None:
+            self._client.hset(self._rkey(key), mapping={"manifest": blob, "data": data, "version": version})
+            return
+        found = self._cas_put(keys=[self._rkey(key)], args=[expect_version, blob, data, version])
+        if found != b"ok" and found != "ok":
+            _check_expected(key, _found_version(found), expect_version)
+
+    def version(self, key: str) -> int | None:
+        version, blob = self._client.hmget(self._rkey(key), ["version", "manifest"])
+        if version is not None:
+            return int(version)
+        if blob is None:
+            return None
+        return record_version(self._parse_manifest(key, blob).get("record") or {})   # written before versions
 
     @staticmethod
     def _parse_manifest(key: str, blob: bytes) -> dict[str, Any]:
@@ -414,8 +498,13 @@ class RedisBackend:
     def contains(self, key: str) -> bool:
         return bool(self._client.exists(self._rkey(key)))
 
-    def delete(self, key: str) -> bool:
-        return bool(self._client.delete(self._rkey(key)))
+    def delete(self, key: str, expect_version: int | None = None) -> bool:
+        if expect_version is None:
+            return bool(self._client.delete(self._rkey(key)))
+        found = self._cas_delete(keys=[self._rkey(key)], args=[expect_version])
+        if found not in (b"ok", "ok"):
+            _check_expected(key, _found_version(found), expect_version)
+        return True
 
     def keys(self) -> list[str]:
         out = []
@@ -438,3 +527,36 @@ class RedisBackend:
             self._client.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+# KEYS[1] the hash; ARGV[1] the expected version (-1: absent); the current version is the hash's
+# `version` field, or the manifest's record for states written before that field existed.
+_CURRENT = """
+local function current()
+  if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+  local v = redis.call('HGET', KEYS[1], 'version')
+  if v then return tonumber(v) end
+  local ok, m = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'manifest') or '')
+  if ok and type(m) == 'table' and type(m['record']) == 'table' then return tonumber(m['record']['version'] or 0) end
+  return -2
+end
+local cur = current()
+local want = tonumber(ARGV[1])
+if (want == -1 and cur ~= nil) or (want ~= -1 and cur ~= want) then
+  if cur == nil then return 'absent' end
+  return tostring(cur)
+end
+"""
+_CAS_PUT = _CURRENT + """
+redis.call('HSET', KEYS[1], 'manifest', ARGV[2], 'data', ARGV[3], 'version', ARGV[4])
+return 'ok'
+"""
+_CAS_DELETE = _CURRENT + """
+redis.call('DEL', KEYS[1])
+return 'ok'
+"""
+
+
+def _found_version(found: Any) -> int | None:
+    text = found.decode() if isinstance(found, bytes) else str(found)
+    return None if text == "absent" else int(text)

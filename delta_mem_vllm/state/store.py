@@ -15,6 +15,10 @@ Policy, and why:
   Entries that are not persisted (no backend, or ``write_through=False`` before :meth:`flush`) are
   never dropped: the host tier then grows past its capacity rather than losing data silently
   (``stats()["host_over_capacity"]`` shows it).
+- Replicas may share a backend (Redis): a ``shared`` backend's version is checked before a resident
+  copy is trusted (another replica may have committed since), and a commit names the version it
+  started from (``expect_version``), so the later of two racing commits fails with VersionConflict
+  and changes nothing.
 - Thread-safe: one lock for the tier dictionaries (never held during backend I/O) plus striped
   per-key locks that order the I/O of one key (put/restore/delete of the same key never interleave).
 """
@@ -34,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .backends import PersistentBackend
+from .backends import PersistentBackend, VersionConflict, record_version
 from .format import Snapshot, StateFormatError, check_expectations, validate_snapshot
 from .keys import validate_storage_key
 
@@ -57,7 +61,7 @@ class PersistError(RuntimeError):
 def _backend_errors(what: str, backend: Any) -> Iterator[None]:
     try:
         yield
-    except (StateFormatError, ValueError, PersistError):
+    except (StateFormatError, ValueError, PersistError, VersionConflict):
         raise  # StateFormatError is a ValueError; ValueError = invalid key (a caller bug)
     except Exception as exc:
         raise PersistError(f"{what} via {backend!r} failed: {exc}") from exc
@@ -118,6 +122,7 @@ class TieredStateStore:
             "persists": 0,
             "persist_failures": 0,
             "deletes": 0,
+            "stale_drops": 0,
         }
         self._last_persist_latency_s: float | None = None
         self._last_restore_latency_s: float | None = None
@@ -200,12 +205,15 @@ class TieredStateStore:
             self._c["evictions_host"] += 1
             events.append(("evict", {"key": k, "from": "host", "to": "persistent", "bytes": e.nbytes}))
 
-    def _persist(self, key: str, snap: Snapshot, events: list) -> None:
+    def _persist(self, key: str, snap: Snapshot, events: list, expect_version: int | None = None) -> None:
         assert self._backend is not None
         t0 = time.perf_counter()
         try:
-            self._backend.put(key, snap)
-        except StateFormatError:
+            if expect_version is None:
+                self._backend.put(key, snap)
+            else:
+                self._backend.put(key, snap, expect_version=expect_version)
+        except (StateFormatError, VersionConflict):
             raise
         except Exception as exc:
             dt = time.perf_counter() - t0
@@ -231,6 +239,7 @@ class TieredStateStore:
         """
         validate_storage_key(key)
         events: list[tuple[str, dict[str, Any]]] = []
+        self._drop_if_stale(key)
         with self._lock:
             snap = self._lookup_locked(key, events)
         if snap is None and self._backend is not None:
@@ -264,9 +273,28 @@ class TieredStateStore:
         self._emit(events)
         return None if snap is None else snap.copy(self.device)
 
-    def put(self, key: str, snapshot: Snapshot) -> None:
+    def _drop_if_stale(self, key: str) -> None:
+        """With a shared backend, forget a resident copy that is no longer the committed version."""
+        if self._backend is None or not getattr(self._backend, "shared", False):
+            return
+        with self._lock:
+            entry = self._device.get(key) or self._host.get(key)
+        if entry is None or not entry.persisted:
+            return
+        with _backend_errors("checking a session state's version", self._backend):
+            current = self._backend.version(key)
+        if current != record_version(entry.snap.record):
+            with self._lock:
+                for tier in (self._device, self._host):
+                    if tier.get(key) is entry:
+                        del tier[key]
+                self._c["stale_drops"] += 1
+
+    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
         """Commit ``snapshot`` as ``key``'s state: persisted first (write-through), then resident.
 
+        ``expect_version``: commit only over that stored version (ABSENT: none), else
+        VersionConflict and nothing changes (the resident copy, now known stale, is dropped).
         Raises StateFormatError (invalid/non-finite state), StateMismatchError (other adapter/shape)
         or PersistError (backend failure; the previous committed state stays in place). The store
         keeps its own copy, so the caller may reuse ``snapshot`` afterwards.
@@ -279,21 +307,29 @@ class TieredStateStore:
         with self._key_lock(key):
             persisted = False
             if self._backend is not None and self._write_through:
-                self._persist(key, stored, events)
+                try:
+                    self._persist(key, stored, events, expect_version)
+                except VersionConflict:
+                    with self._lock:
+                        self._device.pop(key, None)
+                        self._host.pop(key, None)
+                    raise
                 persisted = True
             with self._lock:
                 self._device.pop(key, None)
                 self._install_locked(key, _Entry(stored, persisted, stored.nbytes), events)
         self._emit(events)
 
-    def delete(self, key: str) -> bool:
-        """Remove ``key`` from every tier (backend first, so a failure leaves it fully present)."""
+    def delete(self, key: str, expect_version: int | None = None) -> bool:
+        """Remove ``key`` from every tier (backend first, so a failure leaves it fully present);
+        with ``expect_version``, only that version (VersionConflict otherwise)."""
         validate_storage_key(key)
         with self._key_lock(key):
             removed = False
             if self._backend is not None:
                 with _backend_errors("deleting a session state", self._backend):
-                    removed = self._backend.delete(key)
+                    removed = (self._backend.delete(key) if expect_version is None
+                               else self._backend.delete(key, expect_version=expect_version))
             with self._lock:
                 removed = (self._device.pop(key, None) is not None) | removed
                 removed = (self._host.pop(key, None) is not None) | removed
@@ -328,7 +364,8 @@ class TieredStateStore:
         validate_storage_key(key)
         with self._lock:
             entry = self._device.get(key) or self._host.get(key)
-        if entry is not None:
+        shared = self._backend is not None and getattr(self._backend, "shared", False)
+        if entry is not None and not (shared and entry.persisted):
             return copy.deepcopy(entry.snap.record)
         if self._backend is None:
             return None
@@ -340,6 +377,7 @@ class TieredStateStore:
         """Raise what get() would raise for a state that cannot be used, without changing residency
         (a resident state was checked when it came in)."""
         validate_storage_key(key)
+        self._drop_if_stale(key)
         with self._lock:
             if key in self._device or key in self._host:
                 return

@@ -40,7 +40,7 @@ def test_restart_kill9_and_corrupted_states(engine, tiny_paths, tmp_path, proc_s
     model_dir, _ = tiny_paths
     state_dir = tmp_path / "state"
     args = ["--demo", "--demo-dir", str(model_dir.parent), "--state-dir", str(state_dir),
-            "--served-model-name", "tiny", "--shutdown-grace", "5", *engine_flags(engine)]
+            "--served-model-name", "tiny", "--shutdown-grace", "20", *engine_flags(engine)]
 
     def start(n: int) -> ProcServer:
         srv = ProcServer(args, tmp_path / f"server-{n}.log")

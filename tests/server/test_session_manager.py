@@ -31,10 +31,10 @@ class FakeTokenizer:
 class FlakyBackend(MemoryBackend):
     fail = False
 
-    def put(self, key, snapshot):
+    def put(self, key, snapshot, expect_version=None):
         if self.fail:
             raise OSError("disk full")
-        super().put(key, snapshot)
+        super().put(key, snapshot, expect_version)
 
 
 class Clock:
