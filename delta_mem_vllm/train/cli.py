@@ -1,0 +1,96 @@
+"""`delta-mem-vllm make-data` and `delta-mem-vllm train` (argument parsing and wiring only)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("deltamem.train")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("make-data", help="write recall conversations: train.jsonl and heldout.jsonl")
+    data.add_argument("--out", type=Path, required=True)
+    data.add_argument("--train", type=int, default=4000, help="training conversations")
+    data.add_argument("--heldout", type=int, default=200, help="held-out conversations (values never trained on)")
+    data.add_argument("--min-gap", type=int, default=1, help="user turns at least between a fact and its question "
+                                                               "(held-out: at least 3)")
+    data.add_argument("--max-turns", type=int, default=8)
+    data.add_argument("--seed", type=int, default=0)
+
+    train = sub.add_parser("train", help="train a Δ-Mem adapter for a frozen backbone (the reference recipe)")
+    train.add_argument("--model", type=Path, required=True, help="transformers checkpoint directory")
+    train.add_argument("--data", type=Path, action="append", default=[],
+                       help="JSONL of {messages: [...]} rows ending with the assistant answer (repeatable)")
+    train.add_argument("--locomo", type=Path, action="append", default=[], help="a LoCoMo-format file (repeatable)")
+    train.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, then adapter/")
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--grad-accum", type=int, default=4)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--warmup", type=float, default=0.1)
+    train.add_argument("--reg-weight", type=float, default=0.01)
+    train.add_argument("--reg-target", type=float, default=0.05)
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--delta-heads", default="q,o", help="projections the memory corrects (q,k,v,o)")
+    train.add_argument("--max-write", type=int, default=8192, help="write-view tokens (left-truncated)")
+    train.add_argument("--max-read", type=int, default=512, help="read-view tokens (left-truncated)")
+    train.add_argument("--save-every", type=int, default=50)
+    train.add_argument("--time-budget", type=float, default=None, help="minutes; stop with a checkpoint, resume later")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--bf16", action="store_true", help="backbone matmuls under bf16 autocast")
+    train.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def make_data(args: argparse.Namespace) -> int:
+    from .data import conversations, write_jsonl
+
+    n = write_jsonl(conversations(args.train, "train", args.seed, min_gap=args.min_gap, max_turns=args.max_turns),
+                    args.out / "train.jsonl")
+    m = write_jsonl(conversations(args.heldout, "heldout", args.seed, min_gap=max(3, args.min_gap),
+                                  max_turns=args.max_turns), args.out / "heldout.jsonl")
+    print(f"{n} training and {m} held-out conversations in {args.out}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..config import DeltaMemConfig
+    from .data import load_locomo, read_jsonl
+    from .episodes import build_episode
+    from .trainer import TrainConfig, train
+
+    if not args.data and not args.locomo:
+        print("delta-mem-vllm: error: give --data and/or --locomo", file=sys.stderr)
+        return 2
+    for path in [*args.data, *args.locomo, args.model]:
+        if not path.exists():
+            print(f"delta-mem-vllm: error: {path}: no such file or directory", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    model.to(device).eval()
+    rows = [r for p in args.data for r in read_jsonl(p)] + [r for p in args.locomo for r in load_locomo(p)]
+    episodes = [build_episode(tok, r["messages"], args.max_write, args.max_read)
+                for r in tqdm(rows, desc="tokenising", unit="conv")]
+    note = ", ".join([*(p.name for p in args.data), *(p.name for p in args.locomo)])
+    cfg = TrainConfig(steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+                      reg_weight=args.reg_weight, reg_target=args.reg_target, seed=args.seed,
+                      save_every=args.save_every, autocast_bf16=args.bf16)
+    adapter_cfg = DeltaMemConfig(rank=args.rank, alpha=2.0 * args.rank, delta_heads=args.delta_heads)
+    done = train(model, episodes, args.out, cfg, adapter_cfg, data_note=note,
+                 stop_after=args.time_budget * 60 if args.time_budget else None)
+    if done is None:
+        print(f"stopped by --time-budget; run the same command again to resume from {args.out}")
+        return 0
+    print(f"adapter: {done}")
+    print(f"serve:   delta-mem-vllm serve --model {args.model} --adapter {done}")
+    return 0

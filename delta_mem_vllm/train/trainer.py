@@ -1,0 +1,245 @@
+"""The reference training recipe with a frozen backbone, on a CPU or a GPU.
+
+Per episode: the state starts at zero, the write view is run with writes on and gradients flowing
+back through the whole scan; the read view is run from the resulting state with writes off and no KV
+cache of the history, so the answer can only come through the state; the loss is cross-entropy on
+the answer plus `reg_weight × mean_layers(β̄ − reg_target)²` over the read view's write gates.
+(The reference computes β̄ G times too large when a mask is present, its §1.10 quirk; here β̄ is the
+true mean.) AdamW, cosine schedule with warmup, gradient accumulation, gradient clipping at 1.0.
+
+Checkpoints hold the adapter, optimiser, schedule, data position, RNG and loss history, so a resumed
+run continues exactly where it stopped. The result is the adapter in both formats plus a card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..adapter import save_adapter
+from ..config import DeltaMemConfig
+from ..hf.model import DeltaMemModel, find_attention_modules
+from .episodes import IGNORE, Episode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    grad_accum: int = 4                  # episodes per optimiser step
+    lr: float = 2e-4
+    warmup: float = 0.1                  # fraction of steps
+    weight_decay: float = 0.0
+    reg_weight: float = 0.01
+    reg_target: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_every: int = 50                 # steps between checkpoints (0: only at the end)
+    autocast_bf16: bool = False          # backbone matmuls in bf16 (the Δ-Mem state stays fp32)
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    cursor: int = 0                      # episodes consumed
+    losses: list[tuple[int, float, float]] = field(default_factory=list)    # (step, loss, ce)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr` over ceil(warmup × steps), then cosine to 0 (the reference schedule)."""
+    warm = max(1, math.ceil(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    done = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+
+class _GateMeans:
+    """Captures each layer's attention input during the read pass, for β̄ of the regulariser."""
+
+    def __init__(self, dm: DeltaMemModel) -> None:
+        self.dm, self.inputs, self.on = dm, {}, False
+        modules = dict(find_attention_modules(dm.model, dm.config))
+        self._hooks = [modules[name].register_forward_pre_hook(self._capture(i), with_kwargs=True)
+                       for i, name in enumerate(dm.layer_names)]
+
+    def _capture(self, index: int):
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            if self.on:
+                self.inputs[index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hook
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+
+    def penalty(self, target: float) -> torch.Tensor:
+        """mean over layers of (β̄ − target)², β̄ the mean write gate over tokens and gate dims."""
+        terms = []
+        for i, layer in enumerate(self.dm.layers):
+            x = self.inputs[i]
+            beta = torch.sigmoid(F.linear(x.to(layer.beta_proj.dtype), layer.beta_proj, layer.beta_bias))
+            terms.append((beta.mean() - target) ** 2)
+        self.inputs.clear()
+        return torch.stack(terms).mean()
+
+
+def episode_loss(dm: DeltaMemModel, ep: Episode, gates: _GateMeans, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
+    """Loss of one episode. Only the logits that are scored are computed: none for the write view,
+    the answer positions for the read view (the vocabulary projection is a large share of the work)."""
+    device = dm.device
+    write = torch.tensor([ep.write_ids], device=device)
+    read = torch.tensor([ep.read_ids], device=device)
+    first = next(i for i, t in enumerate(ep.labels) if t != IGNORE)
+    targets = torch.tensor(ep.labels[first:], device=device)
+    keep = len(ep.read_ids) - first + 1          # positions first-1 … end: each predicts the next token
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.autocast_bf16 else torch.autocast(
+        device.type, enabled=False)
+    with ctx:
+        state = dm(write, write=True, logits_to_keep=1).state if ep.write_ids else None
+        gates.on = True
+        try:
+            logits = dm(read, state=state, write=False, logits_to_keep=keep).logits
+        finally:
+            gates.on = False
+    ce = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE)
+    loss = ce + cfg.reg_weight * gates.penalty(cfg.reg_target) if cfg.reg_weight else ce
+    return loss, float(ce.detach())
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(out: Path, dm: DeltaMemModel, opt: torch.optim.Optimizer, prog: _Progress,
+                     cfg: TrainConfig, rng: random.Random) -> Path:
+    final = out / f"checkpoint-{prog.step}"
+    tmp = out / f".checkpoint-{prog.step}.partial"
+    save_adapter(dm.adapter(), tmp / "adapter")
+    torch.save({"optimizer": opt.state_dict(), "progress": asdict(prog), "config": asdict(cfg),
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    tmp.rename(final)
+    return final
+
+
+def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: TrainConfig,
+          adapter_config: DeltaMemConfig | None = None, data_note: str = "",
+          progress_bar: bool = True, stop_after: float | None = None) -> Path | None:
+    """Train a Δ-Mem adapter on `episodes` for `cfg.steps` optimiser steps (resuming from the latest
+    checkpoint in `out`); returns the directory of the final adapter. `stop_after` (seconds of this
+    run) ends the run early with a checkpoint to resume from, and returns None."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    dm = DeltaMemModel(model, adapter_config or DeltaMemConfig())
+    dm.eval()        # no dropout anywhere: the backbone is frozen and Δ-Mem has none
+    params = [p for p in dm.layers.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    prog = _Progress()
+    previous = _checkpoints(out)
+    if previous:
+        from ..adapter import load_adapter
+
+        saved = torch.load(previous[-1] / "trainer.pt", weights_only=False)
+        dm.load_adapter_weights(load_adapter(previous[-1] / "adapter"))
+        opt.load_state_dict(saved["optimizer"])
+        prog = _Progress(**{**saved["progress"], "losses": [tuple(x) for x in saved["progress"]["losses"]]})
+        rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        log.info("resuming from %s (step %d of %d)", previous[-1].name, prog.step, cfg.steps)
+
+    def next_episode() -> Episode:
+        nonlocal order
+        if not order:           # a fresh shuffled pass over the data
+            order = list(range(len(episodes)))
+            random.Random(f"{cfg.seed}:{prog.cursor // len(episodes)}").shuffle(order)
+            order = order[prog.cursor % len(episodes):]
+        prog.cursor += 1
+        return episodes[order.pop(0)]
+
+    gates = _GateMeans(dm)
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=prog.step, desc="train", unit="step", disable=not progress_bar)
+    try:
+        while prog.step < cfg.steps:
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(prog.step, cfg)
+            total = ce_sum = 0.0
+            tokens = 0
+            for _ in range(cfg.grad_accum):
+                ep = next_episode()
+                loss, ce = episode_loss(dm, ep, gates, cfg)
+                (loss / cfg.grad_accum).backward()
+                total += float(loss.detach()) / cfg.grad_accum
+                ce_sum += ce / cfg.grad_accum
+                tokens += ep.tokens
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            prog.step += 1
+            dt = time.perf_counter() - t0
+            prog.seconds += dt
+            prog.tokens += tokens
+            prog.losses.append((prog.step, round(total, 5), round(ce_sum, 5)))
+            bar.set_postfix(loss=f"{total:.3f}", ce=f"{ce_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
+            bar.update(1)
+            if not progress_bar and (prog.step % 10 == 0 or prog.step == cfg.steps):
+                log.info("step %d/%d loss %.4f ce %.4f %.0f tok/s", prog.step, cfg.steps, total, ce_sum, tokens / dt)
+            if cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < cfg.steps:
+                _save_checkpoint(out, dm, opt, prog, cfg, rng)
+            if stop_after is not None and time.perf_counter() - started >= stop_after and prog.step < cfg.steps:
+                if not (out / f"checkpoint-{prog.step}").exists():
+                    _save_checkpoint(out, dm, opt, prog, cfg, rng)
+                log.info("time budget spent at step %d of %d: resume with the same command", prog.step, cfg.steps)
+                return None
+    finally:
+        bar.close()
+        gates.close()
+    final = _save_checkpoint(out, dm, opt, prog, cfg, rng) if not (out / f"checkpoint-{prog.step}").exists() \
+        else out / f"checkpoint-{prog.step}"
+    adapter_dir = out / "adapter"
+    adapter = dm.adapter()
+    save_adapter(adapter, adapter_dir, formats=("safetensors", "pt"))
+    _write_card(adapter_dir, model, dm, adapter.fingerprint, cfg, prog, data_note, len(episodes), final)
+    return adapter_dir
+
+
+def _write_card(adapter_dir: Path, model: torch.nn.Module, dm: DeltaMemModel, fingerprint: str, cfg: TrainConfig,
+                prog: _Progress, data_note: str, n_episodes: int, checkpoint: Path) -> None:
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if dm.device.type == "cuda":
+        machine += f", {torch.cuda.get_device_name(dm.device)}"
+    card = {"backbone": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            "adapter_fingerprint": fingerprint, "data": data_note, "episodes": n_episodes,
+            "episodes_seen": prog.cursor, "steps": prog.step, "train_config": asdict(cfg),
+            "seconds": round(prog.seconds, 1), "tokens": prog.tokens,
+            "tokens_per_second": round(prog.tokens / prog.seconds, 1) if prog.seconds else None,
+            "machine": machine, "loss_curve": prog.losses, "checkpoint": checkpoint.name}
+    (adapter_dir / "training_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    first = sum(x[2] for x in prog.losses[:10]) / max(1, len(prog.losses[:10]))
+    last = sum(x[2] for x in prog.losses[-10:]) / max(1, len(prog.losses[-10:]))
+    (adapter_dir / "README.md").write_text(
+        f"# Δ-Mem adapter for {card['backbone']}\n\n"
+        f"- data: {data_note} ({n_episodes} episodes, {prog.cursor} seen)\n"
+        f"- steps: {prog.step} × {cfg.grad_accum} episodes, lr {cfg.lr}, seed {cfg.seed}\n"
+        f"- answer cross-entropy: {first:.3f} (first 10 steps) → {last:.3f} (last 10 steps)\n"
+        f"- time: {prog.seconds / 60:.1f} min, {card['tokens_per_second']} tokens/s on {machine}\n"
+        f"- adapter fingerprint: {fingerprint}\n\n"
+        "The loss curve and the full settings are in training_card.json.\n")

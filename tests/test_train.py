@@ -1,0 +1,150 @@
+"""Training Δ-Mem adapters: the recall data (held-out values never trained on), LoCoMo loading,
+episodes (what is written, what is scored), and the training loop on a tiny model — the answer loss
+falls, gradients reach the write path through the scan, both adapter formats and the card are
+written, and a resumed run ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from delta_mem_vllm.adapter import load_adapter
+from delta_mem_vllm.hf.model import DeltaMemModel
+from delta_mem_vllm.testing.tiny import build_tiny_model, build_tokenizer
+from delta_mem_vllm.train.data import KINDS, POOLS, conversation, load_locomo, pool
+from delta_mem_vllm.train.episodes import IGNORE, build_episode
+from delta_mem_vllm.train.trainer import TrainConfig, _GateMeans, episode_loss, lr_at, train
+
+
+def test_held_out_values_never_appear_in_training_conversations():
+    for kind in POOLS:
+        assert pool(kind, "train") and pool(kind, "heldout")
+        assert not set(pool(kind, "train")) & set(pool(kind, "heldout"))
+    rng = random.Random(0)
+    held = {v for k in POOLS for v in pool(k, "heldout")}
+    for _ in range(300):
+        row = conversation(rng, "train", min_gap=3)
+        text = " ".join(m["content"] for m in row["messages"])
+        assert not any(f" {v}" in f" {text}".replace(".", " ").replace(",", " ").replace("!", " ").replace("'", " ")
+                       .split(" ") or f" {v} " in f" {text} " for v in held if len(v) > 3 and v in text.split())
+        assert row["gap"] >= 3 and row["answer"] in row["messages"][-1]["content"]
+        user_turns = [m["content"] for m in row["messages"][:-2] if m["role"] == "user"]
+        told = [i for i, t in enumerate(user_turns) if row["answer"] in t]
+        assert told and len(user_turns) - told[-1] >= 3       # told at least 3 user turns before the question
+    assert {conversation(random.Random(s), "heldout")["kind"] for s in range(200)} == set(KINDS)
+
+
+def test_locomo_rows(tmp_path):
+    sample = {"conversation": {"speaker_a": "Ann", "speaker_b": "Bo", "session_1_date_time": "1 May 2023",
+                               "session_1": [{"speaker": "Ann", "text": "I adopted a cat."},
+                                             {"speaker": "Bo", "text": "Nice!"},
+                                             {"speaker": "Bo", "text": "Name?"}],
+                               "session_2_date_time": "9 May 2023",
+                               "session_2": [{"speaker": "Ann", "text": "Her name is Tig."}]},
+              "qa": [{"question": "What is the cat's name?", "answer": "Tig", "category": 1},
+                     {"question": "Adversarial?", "adversarial_answer": "x", "category": 5}]}
+    path = tmp_path / "locomo10.json"
+    path.write_text(json.dumps([sample]))
+    (row,) = load_locomo(path)
+    roles = [m["role"] for m in row["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert row["messages"][0]["content"] == "[1 May 2023] I adopted a cat."
+    assert row["messages"][1]["content"] == "Nice!\nName?" and row["answer"] == "Tig"
+
+
+def test_an_episode_writes_the_history_turn_by_turn_and_scores_the_answer():
+    tok = build_tokenizer()
+    msgs = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hi Ada."},
+            {"role": "user", "content": "Nice day."}, {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": "What is my name?"}, {"role": "assistant", "content": "Ada."}]
+    ep = build_episode(tok, msgs)
+    per_turn = [tok.apply_chat_template(msgs[i:i + 2], tokenize=True, return_dict=False) for i in (0, 2)]
+    assert ep.write_ids == per_turn[0] + per_turn[1]
+    scored = [t for t in ep.labels if t != IGNORE]
+    assert tok.decode(scored).startswith("Ada.") and len(ep.labels) == len(ep.read_ids)
+    assert "name is Ada" not in tok.decode(ep.read_ids)          # the history reaches the read view only via the state
+    assert build_episode(tok, msgs, max_write=5).write_ids == ep.write_ids[-5:]
+    with pytest.raises(ValueError):
+        build_episode(tok, msgs[:-1])
+
+
+def _tiny():
+    return build_tiny_model("llama", seed=0), build_tokenizer()
+
+
+def _episodes(tok, n=6):
+    rng = random.Random(1)
+    return [build_episode(tok, conversation(rng, "train", min_gap=1, max_turns=3)["messages"]) for _ in range(n)]
+
+
+def test_gradients_reach_the_write_path_through_the_scan():
+    model, tok = _tiny()
+    dm = DeltaMemModel(model)
+    gates = _GateMeans(dm)
+    with torch.no_grad():   # non-zero read heads, so the read view depends on the state
+        for layer in dm.layers:
+            layer.delta_o_proj.normal_(0, 0.3)
+            layer.delta_q_proj.normal_(0, 0.3)
+    loss, _ = episode_loss(dm, _episodes(tok, 1)[0], gates, TrainConfig())
+    loss.backward()
+    assert all(layer.memory_k_proj.grad is not None and layer.memory_k_proj.grad.abs().sum() > 0 for layer in dm.layers)
+    assert all(p.grad is None for p in dm.model.parameters())      # the backbone stays frozen
+
+
+def test_schedule():
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(99, cfg) < 1e-5 and lr_at(55, cfg) == pytest.approx(5e-4, rel=0.05)
+
+
+def test_training_lowers_the_answer_loss_and_resumes_exactly(tmp_path):
+    model, tok = _tiny()
+    eps = _episodes(tok)
+    cfg = TrainConfig(steps=24, grad_accum=2, lr=3e-3, save_every=6, seed=3)
+    adapter_dir = train(model, eps, tmp_path / "a", cfg, data_note="6 tiny recall episodes", progress_bar=False)
+    card = json.loads((adapter_dir / "training_card.json").read_text())
+    curve = [ce for _, _, ce in card["loss_curve"]]
+    assert len(curve) == 24 and sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4, curve
+    assert card["episodes_seen"] == 48 and card["tokens"] > 0 and "machine" in card
+    assert (adapter_dir / "README.md").read_text().startswith("# Δ-Mem adapter")
+    st, pt = load_adapter(adapter_dir), load_adapter(adapter_dir / "delta_mem_adapter.pt")
+    assert st.fingerprint == pt.fingerprint == card["adapter_fingerprint"]
+    assert [p.name for p in sorted((tmp_path / "a").glob("checkpoint-*"))] == [
+        "checkpoint-12", "checkpoint-18", "checkpoint-24", "checkpoint-6"]
+    # a run stopped by its time budget after the first step, then resumed: the same adapter
+    assert train(build_tiny_model("llama", seed=0), eps, tmp_path / "b", cfg, progress_bar=False, stop_after=0) is None
+    assert [p.name for p in (tmp_path / "b").glob("checkpoint-*")] == ["checkpoint-1"]
+    resumed = train(build_tiny_model("llama", seed=0), eps, tmp_path / "b", cfg, progress_bar=False)
+    assert load_adapter(resumed).fingerprint == st.fingerprint
+
+
+def test_the_commands_make_data_and_train_an_adapter_the_server_loads(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from server.demo import build_demo_model
+
+    repo = Path(__file__).resolve().parents[1]
+    model_dir, _ = build_demo_model(tmp_path / "demo")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=repo,
+                              env={**__import__("os").environ, "PYTHONPATH": str(repo)}, timeout=600)
+
+    made = cli("make-data", "--out", str(tmp_path / "data"), "--train", "6", "--heldout", "3", "--min-gap", "2")
+    assert made.returncode == 0, made.stderr
+    held = [json.loads(line) for line in (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 3 and all(r["gap"] >= 3 and r["split"] == "heldout" for r in held)
+    run = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
+              str(tmp_path / "run"), "--steps", "3", "--grad-accum", "1", "--save-every", "0", "--threads", "1")
+    assert run.returncode == 0, run.stderr
+    adapter = tmp_path / "run" / "adapter"
+    assert f"adapter: {adapter}" in run.stdout and "train" in run.stderr          # the progress bar
+    dm = DeltaMemModel.from_pretrained(model_dir, adapter)
+    assert dm.config.delta_heads == ("q", "o") and dm.adapter_fingerprint == load_adapter(adapter).fingerprint
+    missing = cli("train", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "x.jsonl"), "--out", "r")
+    assert missing.returncode == 2 and "no such file or directory" in missing.stderr and "Traceback" not in missing.stderr
