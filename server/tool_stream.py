@@ -146,19 +146,13 @@ class CallScanner:
         if kind != "string":
             out.append(c)
         if self._in_str:
-            if self._esc:
-                self._esc = False
-            elif c == "\\":
-                self._esc = True
-            elif c == '"':
-                self._in_str = False
-                if kind == "string":
-                    self._args = 2
-                    try:
-                        value = json.loads("".join(self._args_raw))
-                    except ValueError:
-                        value = "".join(self._args_raw)
-                    out.append(value)
+            if self._string_step(c) and kind == "string":
+                self._args = 2
+                try:
+                    value = json.loads("".join(self._args_raw))
+                except ValueError:
+                    value = "".join(self._args_raw)
+                out.append(value)
         elif c == '"':
             self._in_str = True
         elif c in "{[":
@@ -169,17 +163,23 @@ class CallScanner:
                 self._args = 2
         return True
 
+    def _string_step(self, c: str) -> bool:
+        """One character inside a JSON string; True when it closes the string."""
+        if self._esc:
+            self._esc = False
+        elif c == "\\":
+            self._esc = True
+        elif c == '"':
+            self._in_str = False
+            return True
+        return False
+
     def _structure(self, c: str, out: list[str]) -> None:
         if self._in_str:
-            if self._esc:
-                self._esc = False
-            elif c == "\\":
-                self._esc = True
-            elif c == '"':
-                self._in_str = False
+            if self._string_step(c):
                 self._close_string()
-                return
-            self._str.append(c)
+            else:
+                self._str.append(c)
             return
         if c.isspace():
             return
