@@ -125,12 +125,12 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def _save_checkpoint(out: Path, dm: DeltaMemModel, opt: torch.optim.Optimizer, prog: _Progress,
-                     cfg: TrainConfig, rng: random.Random) -> Path:
+                     cfg: TrainConfig) -> Path:
     final = out / f"checkpoint-{prog.step}"
     tmp = out / f".checkpoint-{prog.step}.partial"
     save_adapter(dm.adapter(), tmp / "adapter")
     torch.save({"optimizer": opt.state_dict(), "progress": asdict(prog), "config": asdict(cfg),
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
     tmp.rename(final)
     return final
 
@@ -149,18 +149,16 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
     dm.eval()        # no dropout anywhere: the backbone is frozen and Δ-Mem has none
     params = [p for p in dm.layers.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)
     order: list[int] = []
     prog = _Progress()
     previous = _checkpoints(out)
     if previous:
         from ..adapter import load_adapter
 
-        saved = torch.load(previous[-1] / "trainer.pt", weights_only=False)
+        saved = torch.load(previous[-1] / "trainer.pt", weights_only=True)   # tensors and plain values only
         dm.load_adapter_weights(load_adapter(previous[-1] / "adapter"))
         opt.load_state_dict(saved["optimizer"])
         prog = _Progress(**{**saved["progress"], "losses": [tuple(x) for x in saved["progress"]["losses"]]})
-        rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"])
         log.info("resuming from %s (step %d of %d)", previous[-1].name, prog.step, cfg.steps)
 
@@ -203,16 +201,16 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
             if not progress_bar and (prog.step % 10 == 0 or prog.step == cfg.steps):
                 log.info("step %d/%d loss %.4f ce %.4f %.0f tok/s", prog.step, cfg.steps, total, ce_sum, tokens / dt)
             if cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < cfg.steps:
-                _save_checkpoint(out, dm, opt, prog, cfg, rng)
+                _save_checkpoint(out, dm, opt, prog, cfg)
             if stop_after is not None and time.perf_counter() - started >= stop_after and prog.step < cfg.steps:
                 if not (out / f"checkpoint-{prog.step}").exists():
-                    _save_checkpoint(out, dm, opt, prog, cfg, rng)
+                    _save_checkpoint(out, dm, opt, prog, cfg)
                 log.info("time budget spent at step %d of %d: resume with the same command", prog.step, cfg.steps)
                 return None
     finally:
         bar.close()
         gates.close()
-    final = _save_checkpoint(out, dm, opt, prog, cfg, rng) if not (out / f"checkpoint-{prog.step}").exists() \
+    final = _save_checkpoint(out, dm, opt, prog, cfg) if not (out / f"checkpoint-{prog.step}").exists() \
         else out / f"checkpoint-{prog.step}"
     adapter_dir = out / "adapter"
     adapter = dm.adapter()
