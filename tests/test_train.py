@@ -11,13 +11,15 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from delta_mem_vllm.adapter import load_adapter
-from delta_mem_vllm.hf.model import DeltaMemModel
+from delta_mem_vllm.hf.model import DeltaMemModel, find_attention_modules
 from delta_mem_vllm.testing.tiny import build_tiny_model, build_tokenizer
 from delta_mem_vllm.train.data import KINDS, POOLS, conversation, load_locomo, pool
 from delta_mem_vllm.train.episodes import IGNORE, build_episode
-from delta_mem_vllm.train.trainer import TrainConfig, _GateMeans, episode_loss, lr_at, train
+from delta_mem_vllm.train.trainer import (TrainConfig, _GateMeans, decorrelate_memory_projections, episode_loss, lr_at,
+                                          train)
 
 
 def test_held_out_values_never_appear_in_training_conversations():
@@ -35,6 +37,14 @@ def test_held_out_values_never_appear_in_training_conversations():
         told = [i for i, t in enumerate(user_turns) if row["answer"] in t]
         assert told and len(user_turns) - told[-1] >= 3       # told at least 3 user turns before the question
     assert {conversation(random.Random(s), "heldout")["kind"] for s in range(200)} == set(KINDS)
+
+
+def test_without_faker_the_generator_says_what_to_install(monkeypatch):
+    from delta_mem_vllm.train import data
+
+    monkeypatch.setattr(data, "_FAKER", {})
+    with pytest.raises(RuntimeError, match=r"delta-mem-vllm\[train\]"):
+        next(data.conversations(1, "train", 0))
 
 
 def test_locomo_rows(tmp_path):
@@ -94,6 +104,31 @@ def test_gradients_reach_the_write_path_through_the_scan():
     assert all(p.grad is None for p in dm.model.parameters())      # the backbone stays frozen
 
 
+def test_decorrelated_init_takes_the_mean_input_direction_out_of_the_memory_projections():
+    model, tok = _tiny()
+    dm = DeltaMemModel(model)
+    eps = _episodes(tok, 4)
+    means = {}
+    modules = dict(find_attention_modules(dm.model, dm.config))
+    hooks = [modules[name].register_forward_pre_hook(
+        (lambda i: lambda m, a, kw: means.setdefault(i, []).append(kw["hidden_states"][0]))(i), with_kwargs=True)
+        for i, name in enumerate(dm.layer_names)]
+    with torch.no_grad():
+        for ep in eps:
+            dm(torch.tensor([ep.write_ids]), write=False)
+    for h in hooks:
+        h.remove()
+    v_before = dm.layers[0].memory_v_proj.detach().clone()
+    decorrelate_memory_projections(dm, eps)
+    for i, layer in enumerate(dm.layers):
+        mu = F.normalize(torch.cat(means[i]).mean(0), dim=0)
+        for w in (layer.memory_q_proj, layer.memory_k_proj, layer.memory_v_proj):
+            assert (w @ mu).abs().max() < 1e-5 * w.abs().max()
+    # only the mean direction is removed: the rest of each projection is untouched
+    mu0 = F.normalize(torch.cat(means[0]).mean(0), dim=0)
+    assert torch.allclose(dm.layers[0].memory_v_proj, v_before - torch.outer(v_before @ mu0, mu0), atol=1e-6)
+
+
 def test_schedule():
     cfg = TrainConfig(steps=100, lr=1e-3, warmup=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
@@ -103,11 +138,20 @@ def test_schedule():
 def test_training_lowers_the_answer_loss_and_resumes_exactly(tmp_path):
     model, tok = _tiny()
     eps = _episodes(tok)
-    cfg = TrainConfig(steps=24, grad_accum=2, lr=3e-3, save_every=6, seed=3)
-    adapter_dir = train(model, eps, tmp_path / "a", cfg, data_note="6 tiny recall episodes", progress_bar=False)
+    cfg = TrainConfig(steps=24, grad_accum=2, lr=3e-3, save_every=6, eval_every=12, seed=3)
+    adapter_dir = train(model, eps, tmp_path / "a", cfg, data_note="6 tiny recall episodes", progress_bar=False,
+                        eval_episodes=eps[:3])
     card = json.loads((adapter_dir / "training_card.json").read_text())
     curve = [ce for _, _, ce in card["loss_curve"]]
     assert len(curve) == 24 and sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4, curve
+    # evaluated at steps 12 and 24; a zero state is the bare model, and the trained memory beats it
+    assert [e["step"] for e in card["heldout_eval"]] == [12, 24]
+    assert card["heldout_eval"][-1]["ce"] < card["heldout_zero_state"]["ce"]
+    fresh = build_tiny_model("llama", seed=0).requires_grad_(False)
+    bare = [F.cross_entropy(fresh(torch.tensor([ep.read_ids])).logits[0, :-1], torch.tensor(ep.labels[1:]),
+                            reduction="sum", ignore_index=IGNORE) for ep in eps[:3]]
+    scored = sum(sum(t != IGNORE for t in ep.labels[1:]) for ep in eps[:3])
+    assert card["heldout_zero_state"]["ce"] == pytest.approx(float(sum(bare)) / scored, abs=1e-3)
     assert card["episodes_seen"] == 48 and card["tokens"] > 0 and "machine" in card
     assert (adapter_dir / "README.md").read_text().startswith("# Δ-Mem adapter")
     st, pt = load_adapter(adapter_dir), load_adapter(adapter_dir / "delta_mem_adapter.pt")
@@ -140,11 +184,23 @@ def test_the_commands_make_data_and_train_an_adapter_the_server_loads(tmp_path):
     held = [json.loads(line) for line in (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()]
     assert len(held) == 3 and all(r["gap"] >= 3 and r["split"] == "heldout" for r in held)
     run = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
-              str(tmp_path / "run"), "--steps", "3", "--grad-accum", "1", "--save-every", "0", "--threads", "1")
+              str(tmp_path / "run"), "--steps", "3", "--grad-accum", "1", "--save-every", "0", "--threads", "1",
+              "--eval-data", str(tmp_path / "data" / "heldout.jsonl"), "--eval-n", "2", "--eval-every", "2",
+              "--beta-bias-init", "-5", "--decorrelate-init", "2", "--alpha", "32")
     assert run.returncode == 0, run.stderr
+    assert "held-out at step 2" in run.stderr and "held-out at step 3" in run.stderr
     adapter = tmp_path / "run" / "adapter"
     assert f"adapter: {adapter}" in run.stdout and "train" in run.stderr          # the progress bar
     dm = DeltaMemModel.from_pretrained(model_dir, adapter)
-    assert dm.config.delta_heads == ("q", "o") and dm.adapter_fingerprint == load_adapter(adapter).fingerprint
+    assert dm.config.delta_heads == ("q", "o") and dm.config.beta_bias_init == -5 and dm.config.alpha == 32
+    card = json.loads((adapter / "training_card.json").read_text())
+    assert "--beta-bias-init -5" in card["command"] and card["command"] in (adapter / "README.md").read_text()
+    assert dm.adapter_fingerprint == load_adapter(adapter).fingerprint
+    # a second stage starts from the first one's adapter (its configuration comes along)
+    stage2 = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
+                 str(tmp_path / "run2"), "--steps", "1", "--grad-accum", "1", "--save-every", "0", "--threads", "1",
+                 "--init-adapter", str(adapter), "--rank", "4")
+    assert stage2.returncode == 0, stage2.stderr
+    assert load_adapter(tmp_path / "run2" / "adapter").config == load_adapter(adapter).config
     missing = cli("train", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "x.jsonl"), "--out", "r")
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr and "Traceback" not in missing.stderr

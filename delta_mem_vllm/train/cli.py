@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,10 +34,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--reg-weight", type=float, default=0.01)
     train.add_argument("--reg-target", type=float, default=0.05)
     train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=float, default=None,
+                       help="correction scale numerator (scale = alpha/rank; default 2×rank as the reference). Reads "
+                            "from a slowly written state are small: a larger alpha lets the corrections grow faster")
     train.add_argument("--delta-heads", default="q,o", help="projections the memory corrects (q,k,v,o)")
+    train.add_argument("--beta-bias-init", type=float, default=-1.5,
+                       help="initial write-gate bias (the reference's -1.5 forgets within ~20 tokens; lower keeps "
+                            "earlier turns, so their gradients reach the gates: -5 keeps about a third after 150)")
     train.add_argument("--max-write", type=int, default=8192, help="write-view tokens (left-truncated)")
     train.add_argument("--max-read", type=int, default=512, help="read-view tokens (left-truncated)")
+    train.add_argument("--decorrelate-init", type=int, default=0, metavar="N",
+                       help="take each layer's mean input direction out of the fresh memory q/k/v projections, "
+                            "estimated on N write views (otherwise every token writes nearly the same vector)")
+    train.add_argument("--init-adapter", type=Path, default=None,
+                       help="start from this adapter's weights (e.g. a curriculum's earlier stage) instead of the init")
     train.add_argument("--save-every", type=int, default=50)
+    train.add_argument("--eval-data", type=Path, default=None,
+                       help="held-out JSONL scored during training (answer loss and accuracy, memory vs none)")
+    train.add_argument("--eval-n", type=int, default=32, help="held-out conversations scored (the first N)")
+    train.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
     train.add_argument("--time-budget", type=float, default=None, help="minutes; stop with a checkpoint, resume later")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--device", default="auto")
@@ -47,6 +63,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def make_data(args: argparse.Namespace) -> int:
     from .data import conversations, write_jsonl
 
+    try:
+        next(conversations(1, "train", args.seed))
+    except RuntimeError as exc:
+        print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
+        return 2
     n = write_jsonl(conversations(args.train, "train", args.seed, min_gap=args.min_gap, max_turns=args.max_turns),
                     args.out / "train.jsonl")
     m = write_jsonl(conversations(args.heldout, "heldout", args.seed, min_gap=max(3, args.min_gap),
@@ -68,7 +89,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.data and not args.locomo:
         print("delta-mem-vllm: error: give --data and/or --locomo", file=sys.stderr)
         return 2
-    for path in [*args.data, *args.locomo, args.model]:
+    for path in [*args.data, *args.locomo, args.model, *(p for p in (args.eval_data, args.init_adapter) if p)]:
         if not path.exists():
             print(f"delta-mem-vllm: error: {path}: no such file or directory", file=sys.stderr)
             return 2
@@ -81,13 +102,22 @@ def run_train(args: argparse.Namespace) -> int:
     rows = [r for p in args.data for r in read_jsonl(p)] + [r for p in args.locomo for r in load_locomo(p)]
     episodes = [build_episode(tok, r["messages"], args.max_write, args.max_read)
                 for r in tqdm(rows, desc="tokenising", unit="conv")]
+    held = [build_episode(tok, r["messages"], args.max_write, args.max_read)
+            for r in read_jsonl(args.eval_data)[:args.eval_n]] if args.eval_data else []
     note = ", ".join([*(p.name for p in args.data), *(p.name for p in args.locomo)])
     cfg = TrainConfig(steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
                       reg_weight=args.reg_weight, reg_target=args.reg_target, seed=args.seed,
-                      save_every=args.save_every, autocast_bf16=args.bf16)
-    adapter_cfg = DeltaMemConfig(rank=args.rank, alpha=2.0 * args.rank, delta_heads=args.delta_heads)
-    done = train(model, episodes, args.out, cfg, adapter_cfg, data_note=note,
-                 stop_after=args.time_budget * 60 if args.time_budget else None)
+                      save_every=args.save_every, eval_every=args.eval_every, autocast_bf16=args.bf16,
+                      decorrelate_init=args.decorrelate_init)
+    from ..adapter import load_adapter
+
+    # an initial adapter brings its own configuration; --rank/--alpha/... shape a fresh one
+    start = load_adapter(args.init_adapter) if args.init_adapter else DeltaMemConfig(
+        rank=args.rank, alpha=args.alpha or 2.0 * args.rank, delta_heads=args.delta_heads,
+        beta_bias_init=args.beta_bias_init)
+    done = train(model, episodes, args.out, cfg, start, data_note=note,
+                 stop_after=args.time_budget * 60 if args.time_budget else None, eval_episodes=held,
+                 command=shlex.join(["delta-mem-vllm", *sys.argv[1:]]))
     if done is None:
         print(f"stopped by --time-budget; run the same command again to resume from {args.out}")
         return 0

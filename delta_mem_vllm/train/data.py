@@ -13,27 +13,48 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-NAMES = ("Ada Alan Alma Amir Anya Arlo Aurora Basil Bea Boris Bruno Cara Cecil Chloe Cyrus Dara Dev Dina Edgar "
-         "Elif Elio Emil Esme Ezra Farah Felix Fern Freya Gael Greta Gus Hana Hugo Ines Ira Iris Ivan Jade Jonas "
-         "Juno Kai Kira Lars Lena Leo Lia Luca Mara Milo Mina Nadia Nico Nina Noor Olga Omar Otto Pia Quinn Rafa "
-         "Rhea Rosa Rufus Sami Sara Silas Sofia Tara Theo Uma Vera Viktor Wren Yara Yusuf Zane Zoe").split()
-CITIES = ("Lyon Porto Oslo Kyoto Lima Quito Dakar Perth Hanoi Cairo Tunis Riga Vilnius Tallinn Krakow Seville "
-          "Bergen Malmo Ghent Bremen Leipzig Turin Verona Naples Split Zagreb Sofia Varna Izmir Tbilisi Baku Almaty "
-          "Osaka Busan Taipei Manila Cebu Denpasar Adelaide Hobart Nelson Fresno Tucson Boise Denver Austin Halifax "
-          "Quebec Oaxaca Cusco Recife Salta Rosario Mendoza Valdivia Marrakesh Nairobi Arusha Accra Windhoek").split()
+def _faker_pools() -> dict[str, tuple[str, ...]]:
+    """Large value pools from Faker's word lists (first names, GeoNames places, common English
+    words): far more values than a training run sees twice, so the adapter cannot learn to guess a
+    value and has to read it from the state."""
+    try:
+        from faker.providers.geo.en_US import Provider as Geo
+        from faker.providers.lorem.en_US import Provider as Lorem
+        from faker.providers.person.en_US import Provider as Person
+    except ImportError:       # reading and training on your own data does not need it
+        return {}
+
+    def plain(words, lo: int, hi: int) -> tuple[str, ...]:
+        return tuple(sorted({w for w in words if w.isalpha() and lo <= len(w) <= hi}))
+
+    return {"name": plain(Person.first_names, 3, 9),
+            "city": plain((c[2] for c in Geo.land_coords), 4, 9),
+            "word": plain((w for w in Lorem.word_list if w.islower()), 6, 10)}
+
+
+_FAKER = _faker_pools()
+NAMES = _FAKER.get("name", ())
+CITIES = _FAKER.get("city", ())
+WORDS = _FAKER.get("word", ())
 FOODS = ("ramen pizza tacos sushi paella lasagna curry falafel dumplings risotto pancakes burritos gnocchi "
-         "moussaka pho bibimbap goulash pierogi couscous ceviche empanadas biryani shakshuka tagine").split()
+         "moussaka pho bibimbap goulash pierogi couscous ceviche empanadas biryani shakshuka tagine waffles "
+         "omelette chowder kebab noodles porridge quiche brisket meatballs gumbo jambalaya hummus tempura "
+         "lobster oysters salmon tofu polenta fondue crepes pretzels bagels cheesecake tiramisu baklava").split()
 JOBS = ("nurse baker pilot teacher plumber architect dentist chemist librarian carpenter journalist farmer "
-        "electrician translator florist mechanic surveyor pharmacist geologist tailor").split()
+        "electrician translator florist mechanic surveyor pharmacist geologist tailor lawyer surgeon banker "
+        "painter sculptor firefighter detective astronomer biologist economist engineer jeweller locksmith "
+        "photographer plumber programmer physicist veterinarian waiter welder zoologist butcher").split()
 PETS = ("Biscuit Pepper Mochi Noodle Waffle Pickle Ziggy Clover Bean Maple Nacho Olive Pumpkin Rocket Sprout "
-        "Tofu Velvet Whiskers Button Cricket").split()
+        "Tofu Velvet Whiskers Button Cricket").split() + [n for n in NAMES if len(n) <= 6]
 SPECIES = ("dog", "cat", "rabbit", "parrot", "hamster", "turtle")
 COLOURS = ("teal crimson amber lavender olive maroon turquoise ochre indigo coral mint charcoal saffron "
-           "magenta ivory").split()
+           "magenta ivory beige scarlet violet emerald navy silver golden bronze cobalt cyan fuchsia khaki "
+           "lilac mauve peach plum rust salmon tan taupe aqua azure orchid sepia burgundy").split()
 
 SMALL_TALK = [
     ("What's a good way to start the morning?", "A glass of water and a few minutes of stretching work well."),
@@ -80,11 +101,19 @@ KINDS = {
                        ("Noted: {v}.", "Got it, {v}."),
                        ("What is my lucky number?", "Which number did I ask you to remember?"),
                        "The number is {v}."),
+    "word": FactKind("word", ("The secret word is {v}.", "Please remember the password: {v}."),
+                     ("I'll remember it.", "Okay, the password is {v}."),
+                     ("What is the secret word?", "What was the password?"), "The secret word is {v}."),
     "colour": FactKind("colour", ("My favourite colour is {v}.", "I really like the colour {v}."),
                        ("{v} is a beautiful colour.", "Nice, {v}."),
                        ("What is my favourite colour?", "Which colour do I like?"), "Your favourite colour is {v}."),
 }
-POOLS = {"name": NAMES, "city": CITIES, "food": FOODS, "job": JOBS, "pet": PETS, "colour": COLOURS,
+_TEMPLATE_WORDS = {w.lower() for text in [*(t for pair in SMALL_TALK for t in pair),
+                                           *(t for k in KINDS.values() for t in (*k.tell, *k.ack, *k.ask, k.answer))]
+                   for w in re.findall(r"[a-zA-Z]+", text)}
+POOLS = {"name": NAMES, "city": CITIES, "food": tuple(dict.fromkeys(FOODS)), "job": tuple(dict.fromkeys(JOBS)),
+         "pet": tuple(dict.fromkeys(PETS)), "colour": COLOURS,
+         "word": tuple(w for w in WORDS if w not in _TEMPLATE_WORDS),
          "number": tuple(str(n) for n in range(10, 1000))}
 UPDATE = {"city": "Actually, I just moved to {v}.", "job": "I changed jobs: now I work as a {v}.",
           "number": "Forget the old number, my lucky number is now {v}."}
@@ -137,6 +166,8 @@ def conversation(rng: random.Random, split: str, min_gap: int = 1, max_turns: in
 
 
 def conversations(n: int, split: str, seed: int, **kw: Any) -> Iterator[dict[str, Any]]:
+    if not _FAKER:
+        raise RuntimeError("recall conversations draw values from Faker: pip install 'delta-mem-vllm[train]'")
     rng = random.Random(f"{seed}:{split}")
     for _ in range(n):
         yield conversation(rng, split, **kw)

@@ -9,6 +9,9 @@ true mean.) AdamW, cosine schedule with warmup, gradient accumulation, gradient 
 
 Checkpoints hold the adapter, optimiser, schedule, data position, RNG and loss history, so a resumed
 run continues exactly where it stopped. The result is the adapter in both formats plus a card.
+Held-out episodes, when given, are scored during training against the bare backbone (a zero state).
+`decorrelate_init` optionally takes the backbone's shared input direction out of the fresh memory
+projections (see `decorrelate_memory_projections`); the default is the reference initialisation.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..adapter import save_adapter
+from ..adapter import Adapter, save_adapter
 from ..config import DeltaMemConfig
 from ..hf.model import DeltaMemModel, find_attention_modules
 from .episodes import IGNORE, Episode
@@ -46,7 +49,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     save_every: int = 50                 # steps between checkpoints (0: only at the end)
+    eval_every: int = 50                 # steps between held-out evaluations (0: only at the end)
     autocast_bf16: bool = False          # backbone matmuls in bf16 (the Δ-Mem state stays fp32)
+    decorrelate_init: int = 0            # write views used to take each layer's mean input direction out of
+                                         # the fresh memory q/k/v projections (0: the reference init)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class _Progress:
     losses: list[tuple[int, float, float]] = field(default_factory=list)    # (step, loss, ce)
     seconds: float = 0.0
     tokens: int = 0
+    evals: list[dict[str, float]] = field(default_factory=list)      # held-out metrics by step
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -120,6 +127,62 @@ def episode_loss(dm: DeltaMemModel, ep: Episode, gates: _GateMeans, cfg: TrainCo
     return loss, float(ce.detach())
 
 
+@torch.no_grad()
+def evaluate(dm: DeltaMemModel, episodes: Sequence[Episode], memory: bool = True) -> dict[str, float]:
+    """Held-out answer cross-entropy and teacher-forced answer-token accuracy, the answer read from
+    the state the history wrote (`memory`) or from a zero state (the bare backbone: zero reads add
+    nothing), so the gap between the two is what the memory carries."""
+    nll = correct = count = 0.0
+    for ep in episodes:
+        first = next(i for i, t in enumerate(ep.labels) if t != IGNORE)
+        targets = torch.tensor(ep.labels[first:], device=dm.device)
+        state = None
+        if memory and ep.write_ids:
+            state = dm(torch.tensor([ep.write_ids], device=dm.device), write=True, logits_to_keep=1).state
+        logits = dm(torch.tensor([ep.read_ids], device=dm.device), state=state, write=False,
+                    logits_to_keep=len(ep.read_ids) - first + 1).logits[0, :-1].float()
+        scored = targets != IGNORE
+        nll += float(F.cross_entropy(logits[scored], targets[scored], reduction="sum"))
+        correct += float((logits.argmax(-1)[scored] == targets[scored]).sum())
+        count += int(scored.sum())
+    return {"ce": round(nll / max(1, count), 4), "token_accuracy": round(correct / max(1, count), 4)}
+
+
+@torch.no_grad()
+def decorrelate_memory_projections(dm: DeltaMemModel, episodes: Sequence[Episode]) -> None:
+    """Remove each layer's mean attention-input direction from the memory q/k/v projections.
+
+    A backbone's attention inputs share a large constant component (massive activations): on
+    SmolLM2 the memory values and keys of any two tokens have cosine 0.9–0.99 from layer 3 on, so
+    every token writes nearly the same thing under nearly the same key and the state cannot tell a
+    fact from small talk. Projecting the mean direction out (W ← W(I − μ̂μ̂ᵀ), μ̂ estimated on these
+    write views) leaves cosines near 0 at the start of training."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    modules = dict(find_attention_modules(dm.model, dm.config))
+
+    def capture(index: int):
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).float().flatten(0, -2)
+            sums[index] = sums.get(index, 0) + x.sum(0)
+            counts[index] = counts.get(index, 0) + x.shape[0]
+        return hook
+
+    hooks = [modules[name].register_forward_pre_hook(capture(i), with_kwargs=True)
+             for i, name in enumerate(dm.layer_names)]
+    try:
+        for ep in episodes:
+            dm(torch.tensor([ep.write_ids], device=dm.device), write=False, logits_to_keep=1)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    for i, layer in enumerate(dm.layers):
+        mu = F.normalize(sums[i] / counts[i], dim=0)
+        for name in ("memory_q_proj", "memory_k_proj", "memory_v_proj"):
+            weight = getattr(layer, name)
+            weight.sub_(torch.outer(weight.float() @ mu, mu).to(weight.dtype))
+
+
 def _checkpoints(out: Path) -> list[Path]:
     return sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
@@ -136,11 +199,13 @@ def _save_checkpoint(out: Path, dm: DeltaMemModel, opt: torch.optim.Optimizer, p
 
 
 def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: TrainConfig,
-          adapter_config: DeltaMemConfig | None = None, data_note: str = "",
-          progress_bar: bool = True, stop_after: float | None = None) -> Path | None:
+          adapter_config: DeltaMemConfig | Adapter | None = None, data_note: str = "",
+          progress_bar: bool = True, stop_after: float | None = None,
+          eval_episodes: Sequence[Episode] = (), command: str = "") -> Path | None:
     """Train a Δ-Mem adapter on `episodes` for `cfg.steps` optimiser steps (resuming from the latest
     checkpoint in `out`); returns the directory of the final adapter. `stop_after` (seconds of this
-    run) ends the run early with a checkpoint to resume from, and returns None."""
+    run) ends the run early with a checkpoint to resume from, and returns None. `eval_episodes` are
+    scored every `cfg.eval_every` steps and at the end (memory vs zero state, logged and carded)."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +226,10 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
         prog = _Progress(**{**saved["progress"], "losses": [tuple(x) for x in saved["progress"]["losses"]]})
         torch.set_rng_state(saved["torch_rng"])
         log.info("resuming from %s (step %d of %d)", previous[-1].name, prog.step, cfg.steps)
+    elif cfg.decorrelate_init and not isinstance(adapter_config, Adapter):
+        decorrelate_memory_projections(dm, episodes[:cfg.decorrelate_init])
+        log.info("memory projections decorrelated from the mean input on %d write views",
+                 min(len(episodes), cfg.decorrelate_init))
 
     def next_episode() -> Episode:
         nonlocal order
@@ -170,6 +239,18 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
             order = order[prog.cursor % len(episodes):]
         prog.cursor += 1
         return episodes[order.pop(0)]
+
+    baseline = evaluate(dm, eval_episodes, memory=False) if eval_episodes else None
+
+    def run_eval() -> None:
+        if not eval_episodes or (prog.evals and prog.evals[-1]["step"] == prog.step):
+            return
+        t0 = time.perf_counter()
+        metrics = {"step": prog.step, **evaluate(dm, eval_episodes)}
+        prog.evals.append(metrics)
+        log.info("held-out at step %d: answer ce %.3f, token accuracy %.3f (zero state: %.3f, %.3f) [%.0f s]",
+                 prog.step, metrics["ce"], metrics["token_accuracy"], baseline["ce"], baseline["token_accuracy"],
+                 time.perf_counter() - t0)
 
     gates = _GateMeans(dm)
     started = time.perf_counter()
@@ -200,6 +281,8 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
             bar.update(1)
             if not progress_bar and (prog.step % 10 == 0 or prog.step == cfg.steps):
                 log.info("step %d/%d loss %.4f ce %.4f %.0f tok/s", prog.step, cfg.steps, total, ce_sum, tokens / dt)
+            if cfg.eval_every and prog.step % cfg.eval_every == 0 and prog.step < cfg.steps:
+                run_eval()
             if cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < cfg.steps:
                 _save_checkpoint(out, dm, opt, prog, cfg)
             if stop_after is not None and time.perf_counter() - started >= stop_after and prog.step < cfg.steps:
@@ -210,17 +293,20 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
     finally:
         bar.close()
         gates.close()
+    run_eval()
     final = _save_checkpoint(out, dm, opt, prog, cfg) if not (out / f"checkpoint-{prog.step}").exists() \
         else out / f"checkpoint-{prog.step}"
     adapter_dir = out / "adapter"
     adapter = dm.adapter()
     save_adapter(adapter, adapter_dir, formats=("safetensors", "pt"))
-    _write_card(adapter_dir, model, dm, adapter.fingerprint, cfg, prog, data_note, len(episodes), final)
+    _write_card(adapter_dir, model, dm, adapter.fingerprint, cfg, prog, data_note, len(episodes), final, baseline,
+                command)
     return adapter_dir
 
 
 def _write_card(adapter_dir: Path, model: torch.nn.Module, dm: DeltaMemModel, fingerprint: str, cfg: TrainConfig,
-                prog: _Progress, data_note: str, n_episodes: int, checkpoint: Path) -> None:
+                prog: _Progress, data_note: str, n_episodes: int, checkpoint: Path,
+                baseline: dict[str, float] | None, command: str) -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     if dm.device.type == "cuda":
         machine += f", {torch.cuda.get_device_name(dm.device)}"
@@ -229,7 +315,8 @@ def _write_card(adapter_dir: Path, model: torch.nn.Module, dm: DeltaMemModel, fi
             "episodes_seen": prog.cursor, "steps": prog.step, "train_config": asdict(cfg),
             "seconds": round(prog.seconds, 1), "tokens": prog.tokens,
             "tokens_per_second": round(prog.tokens / prog.seconds, 1) if prog.seconds else None,
-            "machine": machine, "loss_curve": prog.losses, "checkpoint": checkpoint.name}
+            "machine": machine, "loss_curve": prog.losses, "heldout_eval": prog.evals,
+            "heldout_zero_state": baseline, "checkpoint": checkpoint.name, "command": command}
     (adapter_dir / "training_card.json").write_text(json.dumps(card, indent=1) + "\n")
     first = sum(x[2] for x in prog.losses[:10]) / max(1, len(prog.losses[:10]))
     last = sum(x[2] for x in prog.losses[-10:]) / max(1, len(prog.losses[-10:]))
@@ -239,5 +326,9 @@ def _write_card(adapter_dir: Path, model: torch.nn.Module, dm: DeltaMemModel, fi
         f"- steps: {prog.step} × {cfg.grad_accum} episodes, lr {cfg.lr}, seed {cfg.seed}\n"
         f"- answer cross-entropy: {first:.3f} (first 10 steps) → {last:.3f} (last 10 steps)\n"
         f"- time: {prog.seconds / 60:.1f} min, {card['tokens_per_second']} tokens/s on {machine}\n"
-        f"- adapter fingerprint: {fingerprint}\n\n"
-        "The loss curve and the full settings are in training_card.json.\n")
+        + (f"- held-out answer: cross-entropy {prog.evals[-1]['ce']:.3f}, token accuracy "
+           f"{prog.evals[-1]['token_accuracy']:.3f} (zero state, i.e. the bare backbone: {baseline['ce']:.3f}, "
+           f"{baseline['token_accuracy']:.3f})\n" if prog.evals and baseline else "")
+        + f"- adapter fingerprint: {fingerprint}\n\n"
+        + (f"Trained with:\n\n    {command}\n\n" if command else "")
+        + "The loss curve and the full settings are in training_card.json.\n")
