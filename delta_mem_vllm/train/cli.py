@@ -81,6 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..adapter import load_adapter
     from ..config import DeltaMemConfig
     from .data import load_locomo, read_jsonl
     from .episodes import build_episode
@@ -104,13 +105,11 @@ def run_train(args: argparse.Namespace) -> int:
                 for r in tqdm(rows, desc="tokenising", unit="conv")]
     held = [build_episode(tok, r["messages"], args.max_write, args.max_read)
             for r in read_jsonl(args.eval_data)[:args.eval_n]] if args.eval_data else []
-    note = ", ".join([*(p.name for p in args.data), *(p.name for p in args.locomo)])
+    note = ", ".join(str(p) for p in [*args.data, *args.locomo])
     cfg = TrainConfig(steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
                       reg_weight=args.reg_weight, reg_target=args.reg_target, seed=args.seed,
                       save_every=args.save_every, eval_every=args.eval_every, autocast_bf16=args.bf16,
                       decorrelate_init=args.decorrelate_init)
-    from ..adapter import load_adapter
-
     # an initial adapter brings its own configuration; --rank/--alpha/... shape a fresh one
     start = load_adapter(args.init_adapter) if args.init_adapter else DeltaMemConfig(
         rank=args.rank, alpha=args.alpha or 2.0 * args.rank, delta_heads=args.delta_heads,

@@ -1,9 +1,11 @@
 """Recall conversations: facts told in earlier turns and asked about later, with small talk between.
 
 Every fact value comes from a pool split once into a training part and a held-out part, so held-out
-conversations never mention a value the adapter was trained on. Rows are chat `messages` whose last
-message is the assistant's answer (the training target), plus what the recall benchmark scores:
-`answer` (the value), `gap` (user turns between telling and asking) and `kind`.
+conversations never mention a value the adapter was trained on. Names, places and words come from
+Faker's word lists (the `train` extra), hundreds per kind, so values cannot be learnt by heart.
+Rows are chat `messages` whose last message is the assistant's answer (the training target), plus
+what the recall benchmark scores: `answer` (the value), `gap` (user turns between telling and
+asking) and `kind`.
 
 `load_locomo` reads LoCoMo-format files (`locomo10.json`) into the same row shape.
 """
@@ -48,7 +50,7 @@ FOODS = ("ramen pizza tacos sushi paella lasagna curry falafel dumplings risotto
 JOBS = ("nurse baker pilot teacher plumber architect dentist chemist librarian carpenter journalist farmer "
         "electrician translator florist mechanic surveyor pharmacist geologist tailor lawyer surgeon banker "
         "painter sculptor firefighter detective astronomer biologist economist engineer jeweller locksmith "
-        "photographer plumber programmer physicist veterinarian waiter welder zoologist butcher").split()
+        "photographer programmer physicist veterinarian waiter welder zoologist butcher").split()
 PETS = ("Biscuit Pepper Mochi Noodle Waffle Pickle Ziggy Clover Bean Maple Nacho Olive Pumpkin Rocket Sprout "
         "Tofu Velvet Whiskers Button Cricket").split() + [n for n in NAMES if len(n) <= 6]
 SPECIES = ("dog", "cat", "rabbit", "parrot", "hamster", "turtle")
