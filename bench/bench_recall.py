@@ -11,7 +11,8 @@ turns are sent one at a time into a session (the model answers each), then the q
   prompt, without a session — what a client pays in prompt tokens without memory.
 
 Reported per arm: accuracy (the fact's value in the answer, case-insensitive) with a 95% Wilson
-interval, prompt tokens of the question turn, time to first token. General ability: perplexity of
+interval, prompt tokens of the question turn, time to first token; and the bare backbone with the
+whole conversation in its prompt, for scale. General ability: perplexity of
 the backbone with the adapter (zero state, writes on) vs the bare backbone on plain text, and a few
 single-turn prompts answered by both, greedily. `--write` stores the tables in bench/RESULTS-recall.md.
 """
@@ -164,6 +165,23 @@ def bare_answers(model_dir: Path, prompts: list[str], max_tokens: int) -> list[s
     return out
 
 
+def bare_full_history(model_dir: Path, rows: list[dict], max_tokens: int) -> int:
+    """How many questions the bare backbone answers with the whole conversation (the data's own
+    replies) in its prompt: what the model can do with the facts in front of it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hits = 0
+    for row in rows:
+        ids = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)
+        gen = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+        hits += recalled(tok.decode(gen[0][ids["input_ids"].shape[1]:], skip_special_tokens=True), row["answer"])
+    return hits
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -224,6 +242,10 @@ def main() -> int:
     lines += ["", "| fact | n | memory | no memory | full history |", "|---|---|---|---|---|"]
     for kind, rs in sorted(by_kind.items()):
         lines.append(f"| {kind} | {len(rs)} | " + " | ".join(f"{sum(r[a]['ok'] for r in rs)}" for a in ARMS) + " |")
+    ceiling = bare_full_history(args.model, rows, args.answer_tokens)
+    lo, hi = wilson(ceiling, len(rows))
+    lines += ["", f"Bare backbone (no adapter, transformers) with the whole conversation in the prompt: "
+              f"{ceiling}/{len(rows)} = {ceiling / len(rows):.0%} ({lo:.0%}–{hi:.0%})."]
     bare_ppl, ours_ppl = perplexity(args.model, args.adapter, PLAIN_TEXT.read_text()[:20000])
     bare = bare_answers(args.model, SINGLE_TURN, args.answer_tokens)
     same = sum(a.strip() == b.strip() for a, b in zip(single, bare))
