@@ -150,36 +150,19 @@ def perplexity(model_dir: Path, adapter_dir: Path, text: str, window: int = 512)
     return math.exp(nll["bare"] / count), math.exp(nll["adapter"] / count)
 
 
-def bare_answers(model_dir: Path, prompts: list[str], max_tokens: int) -> list[str]:
+def bare_answers(model_dir: Path, chats: list[list[dict]], max_tokens: int) -> list[str]:
+    """The bare backbone's greedy replies (transformers, no adapter) to each chat."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
-    for p in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
+    for messages in chats:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         gen = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
         out.append(tok.decode(gen[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
     return out
-
-
-def bare_full_history(model_dir: Path, rows: list[dict], max_tokens: int) -> int:
-    """How many questions the bare backbone answers with the whole conversation (the data's own
-    replies) in its prompt: what the model can do with the facts in front of it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hits = 0
-    for row in rows:
-        ids = tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)
-        gen = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
-        hits += recalled(tok.decode(gen[0][ids["input_ids"].shape[1]:], skip_special_tokens=True), row["answer"])
-    return hits
 
 
 def main() -> int:
@@ -242,12 +225,15 @@ def main() -> int:
     lines += ["", "| fact | n | memory | no memory | full history |", "|---|---|---|---|---|"]
     for kind, rs in sorted(by_kind.items()):
         lines.append(f"| {kind} | {len(rs)} | " + " | ".join(f"{sum(r[a]['ok'] for r in rs)}" for a in ARMS) + " |")
-    ceiling = bare_full_history(args.model, rows, args.answer_tokens)
+    # the bare backbone with the whole conversation (the data's own replies) in its prompt, for scale
+    chats = [[{"role": "user", "content": p}] for p in SINGLE_TURN] + [r["messages"][:-1] for r in rows]
+    replies = bare_answers(args.model, chats, args.answer_tokens)
+    bare, full = replies[:len(SINGLE_TURN)], replies[len(SINGLE_TURN):]
+    ceiling = sum(recalled(text, r["answer"]) for text, r in zip(full, rows))
     lo, hi = wilson(ceiling, len(rows))
     lines += ["", f"Bare backbone (no adapter, transformers) with the whole conversation in the prompt: "
               f"{ceiling}/{len(rows)} = {ceiling / len(rows):.0%} ({lo:.0%}–{hi:.0%})."]
     bare_ppl, ours_ppl = perplexity(args.model, args.adapter, PLAIN_TEXT.read_text()[:20000])
-    bare = bare_answers(args.model, SINGLE_TURN, args.answer_tokens)
     same = sum(a.strip() == b.strip() for a, b in zip(single, bare))
     lines += ["", f"General ability: perplexity on {PLAIN_TEXT} (first 20,000 characters, 512-token windows): "
               f"bare backbone {bare_ppl:.2f}, with the adapter (zero state, writes on) {ours_ppl:.2f}. "

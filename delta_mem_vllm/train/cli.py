@@ -64,14 +64,14 @@ def make_data(args: argparse.Namespace) -> int:
     from .data import conversations, write_jsonl
 
     try:
-        next(conversations(1, "train", args.seed))
+        train = conversations(args.train, "train", args.seed, min_gap=args.min_gap, max_turns=args.max_turns)
+        held = conversations(args.heldout, "heldout", args.seed, min_gap=max(3, args.min_gap),
+                             max_turns=args.max_turns)
     except RuntimeError as exc:
         print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
         return 2
-    n = write_jsonl(conversations(args.train, "train", args.seed, min_gap=args.min_gap, max_turns=args.max_turns),
-                    args.out / "train.jsonl")
-    m = write_jsonl(conversations(args.heldout, "heldout", args.seed, min_gap=max(3, args.min_gap),
-                                  max_turns=args.max_turns), args.out / "heldout.jsonl")
+    n = write_jsonl(train, args.out / "train.jsonl")
+    m = write_jsonl(held, args.out / "heldout.jsonl")
     print(f"{n} training and {m} held-out conversations in {args.out}")
     return 0
 

@@ -168,11 +168,11 @@ def conversation(rng: random.Random, split: str, min_gap: int = 1, max_turns: in
 
 
 def conversations(n: int, split: str, seed: int, **kw: Any) -> Iterator[dict[str, Any]]:
+    """`n` conversations, generated lazily; raises at once (not at the first item) without Faker."""
     if not _FAKER:
         raise RuntimeError("recall conversations draw values from Faker: pip install 'delta-mem-vllm[train]'")
     rng = random.Random(f"{seed}:{split}")
-    for _ in range(n):
-        yield conversation(rng, split, **kw)
+    return (conversation(rng, split, **kw) for _ in range(n))
 
 
 def write_jsonl(rows: Iterator[dict[str, Any]] | list[dict[str, Any]], path: Path) -> int:

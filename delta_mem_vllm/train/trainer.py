@@ -75,7 +75,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class _GateMeans:
-    """Captures each layer's attention input during the read pass, for β̄ of the regulariser."""
+    """Captures each layer's attention input while `on`: the read pass's, for β̄ of the regulariser
+    (and the write views', for the decorrelated init)."""
 
     def __init__(self, dm: DeltaMemModel) -> None:
         self.dm, self.inputs, self.on = dm, {}, False
@@ -104,15 +105,20 @@ class _GateMeans:
         return torch.stack(terms).mean()
 
 
+def _answer_targets(ep: Episode, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The read view's labels from the first scored token on, and how many final logits score them
+    (positions first-1 … end: each predicts the next token)."""
+    first = next(i for i, t in enumerate(ep.labels) if t != IGNORE)
+    return torch.tensor(ep.labels[first:], device=device), len(ep.read_ids) - first + 1
+
+
 def episode_loss(dm: DeltaMemModel, ep: Episode, gates: _GateMeans, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
     """Loss of one episode. Only the logits that are scored are computed: none for the write view,
     the answer positions for the read view (the vocabulary projection is a large share of the work)."""
     device = dm.device
     write = torch.tensor([ep.write_ids], device=device)
     read = torch.tensor([ep.read_ids], device=device)
-    first = next(i for i, t in enumerate(ep.labels) if t != IGNORE)
-    targets = torch.tensor(ep.labels[first:], device=device)
-    keep = len(ep.read_ids) - first + 1          # positions first-1 … end: each predicts the next token
+    targets, keep = _answer_targets(ep, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.autocast_bf16 else torch.autocast(
         device.type, enabled=False)
     with ctx:
@@ -134,13 +140,12 @@ def evaluate(dm: DeltaMemModel, episodes: Sequence[Episode], memory: bool = True
     nothing), so the gap between the two is what the memory carries."""
     nll = correct = count = 0.0
     for ep in episodes:
-        first = next(i for i, t in enumerate(ep.labels) if t != IGNORE)
-        targets = torch.tensor(ep.labels[first:], device=dm.device)
+        targets, keep = _answer_targets(ep, dm.device)
         state = None
         if memory and ep.write_ids:
             state = dm(torch.tensor([ep.write_ids], device=dm.device), write=True, logits_to_keep=1).state
         logits = dm(torch.tensor([ep.read_ids], device=dm.device), state=state, write=False,
-                    logits_to_keep=len(ep.read_ids) - first + 1).logits[0, :-1].float()
+                    logits_to_keep=keep).logits[0, :-1].float()
         scored = targets != IGNORE
         nll += float(F.cross_entropy(logits[scored], targets[scored], reduction="sum"))
         correct += float((logits.argmax(-1)[scored] == targets[scored]).sum())
@@ -157,27 +162,18 @@ def decorrelate_memory_projections(dm: DeltaMemModel, episodes: Sequence[Episode
     every token writes nearly the same thing under nearly the same key and the state cannot tell a
     fact from small talk. Projecting the mean direction out (W ← W(I − μ̂μ̂ᵀ), μ̂ estimated on these
     write views) leaves cosines near 0 at the start of training."""
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-    modules = dict(find_attention_modules(dm.model, dm.config))
-
-    def capture(index: int):
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).float().flatten(0, -2)
-            sums[index] = sums.get(index, 0) + x.sum(0)
-            counts[index] = counts.get(index, 0) + x.shape[0]
-        return hook
-
-    hooks = [modules[name].register_forward_pre_hook(capture(i), with_kwargs=True)
-             for i, name in enumerate(dm.layer_names)]
+    capture = _GateMeans(dm)
+    capture.on = True
+    sums = [torch.zeros(()) for _ in dm.layers]
     try:
         for ep in episodes:
             dm(torch.tensor([ep.write_ids], device=dm.device), write=False, logits_to_keep=1)
+            for i, x in capture.inputs.items():
+                sums[i] = sums[i] + x.float().flatten(0, -2).sum(0)
     finally:
-        for handle in hooks:
-            handle.remove()
+        capture.close()
     for i, layer in enumerate(dm.layers):
-        mu = F.normalize(sums[i] / counts[i], dim=0)
+        mu = F.normalize(sums[i], dim=0)      # the direction of the mean: the token count drops out
         for name in ("memory_q_proj", "memory_k_proj", "memory_v_proj"):
             weight = getattr(layer, name)
             weight.sub_(torch.outer(weight.float() @ mu, mu).to(weight.dtype))
