@@ -17,7 +17,9 @@ from openai.types.responses import response_create_params as params
 from tests.server.conftest import assert_openai_error, export_state
 
 MAX = 6
-SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}, "n": {"type": "integer"}},
+# `n` is bounded: an unbounded integer lets a sampled random model run its digits past the token limit
+SCHEMA = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 999}},
           "required": ["city", "n"], "additionalProperties": False}
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon"]}},
