@@ -152,6 +152,11 @@ def test_training_lowers_the_answer_loss_and_resumes_exactly(tmp_path):
                             reduction="sum", ignore_index=IGNORE) for ep in eps[:3]]
     scored = sum(sum(t != IGNORE for t in ep.labels[1:]) for ep in eps[:3])
     assert card["heldout_zero_state"]["ce"] == pytest.approx(float(sum(bare)) / scored, abs=1e-3)
+    # exact: the share of answers whose every scored token is the top choice
+    exact = [all(int(t) == int(p) for t, p in zip(ep.labels[1:], fresh(torch.tensor([ep.read_ids])).logits[0, :-1]
+                                                    .argmax(-1)) if t != IGNORE) for ep in eps[:3]]
+    assert card["heldout_zero_state"]["exact"] == pytest.approx(sum(exact) / 3, abs=1e-4)
+    assert all(0 <= e["exact"] <= 1 for e in card["heldout_eval"])
     assert card["episodes_seen"] == 48 and card["tokens"] > 0 and "machine" in card
     assert (adapter_dir / "README.md").read_text().startswith("# Δ-Mem adapter")
     st, pt = load_adapter(adapter_dir), load_adapter(adapter_dir / "delta_mem_adapter.pt")
@@ -186,13 +191,14 @@ def test_the_commands_make_data_and_train_an_adapter_the_server_loads(tmp_path):
     run = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
               str(tmp_path / "run"), "--steps", "3", "--grad-accum", "1", "--save-every", "0", "--threads", "1",
               "--eval-data", str(tmp_path / "data" / "heldout.jsonl"), "--eval-n", "2", "--eval-every", "2",
-              "--beta-bias-init", "-5", "--decorrelate-init", "2", "--alpha", "32")
+              "--beta-bias-init", "-5", "--decorrelate-init", "2", "--alpha", "32", "--layers", "1")
     assert run.returncode == 0, run.stderr
     assert "held-out at step 2" in run.stderr and "held-out at step 3" in run.stderr
     adapter = tmp_path / "run" / "adapter"
     assert f"adapter: {adapter}" in run.stdout and "train" in run.stderr          # the progress bar
     dm = DeltaMemModel.from_pretrained(model_dir, adapter)
     assert dm.config.delta_heads == ("q", "o") and dm.config.beta_bias_init == -5 and dm.config.alpha == 32
+    assert dm.config.target_layers == (1,) and len(dm.layers) == 1        # --layers: a memory in layer 1 only
     card = json.loads((adapter / "training_card.json").read_text())
     assert "--beta-bias-init -5" in card["command"] and card["command"] in (adapter / "README.md").read_text()
     assert dm.adapter_fingerprint == load_adapter(adapter).fingerprint
@@ -202,5 +208,10 @@ def test_the_commands_make_data_and_train_an_adapter_the_server_loads(tmp_path):
                  "--init-adapter", str(adapter), "--rank", "4")
     assert stage2.returncode == 0, stage2.stderr
     assert load_adapter(tmp_path / "run2" / "adapter").config == load_adapter(adapter).config
+    bad = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "x.jsonl"), "--out", "r", "--layers", "a-b")
+    assert bad.returncode == 2 and "--layers" in bad.stderr and "12-15,20" in bad.stderr
+    beyond = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
+                 str(tmp_path / "run3"), "--layers", "1-99")
+    assert beyond.returncode == 2 and "--layers" in beyond.stderr and "Traceback" not in beyond.stderr
     missing = cli("train", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "x.jsonl"), "--out", "r")
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr and "Traceback" not in missing.stderr

@@ -38,6 +38,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="correction scale numerator (scale = alpha/rank; default 2×rank as the reference). Reads "
                             "from a slowly written state are small: a larger alpha lets the corrections grow faster")
     train.add_argument("--delta-heads", default="q,o", help="projections the memory corrects (q,k,v,o)")
+    train.add_argument("--layers", type=_layer_list, default=(), metavar="A-B[,C...]",
+                       help="decoder layers that get a memory (default: all); with fewer layers a higher rank "
+                            "keeps the adapter small")
     train.add_argument("--beta-bias-init", type=float, default=-1.5,
                        help="initial write-gate bias (the reference's -1.5 forgets within ~20 tokens; lower keeps "
                             "earlier turns, so their gradients reach the gates: -5 keeps about a third after 150)")
@@ -58,6 +61,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--device", default="auto")
     train.add_argument("--bf16", action="store_true", help="backbone matmuls under bf16 autocast")
     train.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    """'12-15,20' -> (12, 13, 14, 15, 20)."""
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            layers += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give layer indices like 12-15,20") from None
+    return tuple(sorted(set(layers)))
 
 
 def make_data(args: argparse.Namespace) -> int:
@@ -100,6 +115,10 @@ def run_train(args: argparse.Namespace) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     model.to(device).eval()
+    n_layers = model.config.num_hidden_layers
+    if any(i >= n_layers for i in args.layers):
+        print(f"delta-mem-vllm: error: --layers: {args.model} has layers 0-{n_layers - 1}", file=sys.stderr)
+        return 2
     rows = [r for p in args.data for r in read_jsonl(p)] + [r for p in args.locomo for r in load_locomo(p)]
     episodes = [build_episode(tok, r["messages"], args.max_write, args.max_read)
                 for r in tqdm(rows, desc="tokenising", unit="conv")]
@@ -113,7 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
     # an initial adapter brings its own configuration; --rank/--alpha/... shape a fresh one
     start = load_adapter(args.init_adapter) if args.init_adapter else DeltaMemConfig(
         rank=args.rank, alpha=args.alpha or 2.0 * args.rank, delta_heads=args.delta_heads,
-        beta_bias_init=args.beta_bias_init)
+        beta_bias_init=args.beta_bias_init, target_layers=args.layers)
     done = train(model, episodes, args.out, cfg, start, data_note=note,
                  stop_after=args.time_budget * 60 if args.time_budget else None, eval_episodes=held,
                  command=shlex.join(["delta-mem-vllm", *sys.argv[1:]]))

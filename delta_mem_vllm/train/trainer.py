@@ -135,10 +135,12 @@ def episode_loss(dm: DeltaMemModel, ep: Episode, gates: _GateMeans, cfg: TrainCo
 
 @torch.no_grad()
 def evaluate(dm: DeltaMemModel, episodes: Sequence[Episode], memory: bool = True) -> dict[str, float]:
-    """Held-out answer cross-entropy and teacher-forced answer-token accuracy, the answer read from
-    the state the history wrote (`memory`) or from a zero state (the bare backbone: zero reads add
-    nothing), so the gap between the two is what the memory carries."""
-    nll = correct = count = 0.0
+    """Held-out answer cross-entropy, teacher-forced answer-token accuracy and whole-answer exact
+    match (every answer token the top choice: the fact's value included, which token accuracy hides
+    behind the answer's easy form words), the answer read from the state the history wrote (`memory`)
+    or from a zero state (the bare backbone: zero reads add nothing), so the gap between the two is
+    what the memory carries."""
+    nll = correct = count = exact = 0.0
     for ep in episodes:
         targets, keep = _answer_targets(ep, dm.device)
         state = None
@@ -148,9 +150,12 @@ def evaluate(dm: DeltaMemModel, episodes: Sequence[Episode], memory: bool = True
                     logits_to_keep=keep).logits[0, :-1].float()
         scored = targets != IGNORE
         nll += float(F.cross_entropy(logits[scored], targets[scored], reduction="sum"))
-        correct += float((logits.argmax(-1)[scored] == targets[scored]).sum())
+        hits = logits.argmax(-1)[scored] == targets[scored]
+        correct += float(hits.sum())
+        exact += float(hits.all())
         count += int(scored.sum())
-    return {"ce": round(nll / max(1, count), 4), "token_accuracy": round(correct / max(1, count), 4)}
+    return {"ce": round(nll / max(1, count), 4), "token_accuracy": round(correct / max(1, count), 4),
+            "exact": round(exact / max(1, len(episodes)), 4)}
 
 
 @torch.no_grad()
@@ -244,9 +249,9 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
         t0 = time.perf_counter()
         metrics = {"step": prog.step, **evaluate(dm, eval_episodes)}
         prog.evals.append(metrics)
-        log.info("held-out at step %d: answer ce %.3f, token accuracy %.3f (zero state: %.3f, %.3f) [%.0f s]",
-                 prog.step, metrics["ce"], metrics["token_accuracy"], baseline["ce"], baseline["token_accuracy"],
-                 time.perf_counter() - t0)
+        log.info("held-out at step %d: answer ce %.3f, token accuracy %.3f, exact %.3f (zero state: %.3f, %.3f, "
+                 "%.3f) [%.0f s]", prog.step, metrics["ce"], metrics["token_accuracy"], metrics["exact"],
+                 baseline["ce"], baseline["token_accuracy"], baseline["exact"], time.perf_counter() - t0)
 
     gates = _GateMeans(dm)
     started = time.perf_counter()
@@ -323,8 +328,9 @@ def _write_card(adapter_dir: Path, model: torch.nn.Module, dm: DeltaMemModel, fi
         f"- answer cross-entropy: {first:.3f} (first 10 steps) → {last:.3f} (last 10 steps)\n"
         f"- time: {prog.seconds / 60:.1f} min, {card['tokens_per_second']} tokens/s on {machine}\n"
         + (f"- held-out answer: cross-entropy {prog.evals[-1]['ce']:.3f}, token accuracy "
-           f"{prog.evals[-1]['token_accuracy']:.3f} (zero state, i.e. the bare backbone: {baseline['ce']:.3f}, "
-           f"{baseline['token_accuracy']:.3f})\n" if prog.evals and baseline else "")
+           f"{prog.evals[-1]['token_accuracy']:.3f}, exact answers {prog.evals[-1]['exact']:.3f} (zero state, i.e. "
+           f"the bare backbone: {baseline['ce']:.3f}, {baseline['token_accuracy']:.3f}, {baseline['exact']:.3f})\n"
+           if prog.evals and baseline else "")
         + f"- adapter fingerprint: {fingerprint}\n\n"
         + (f"Trained with:\n\n    {command}\n\n" if command else "")
         + "The loss curve and the full settings are in training_card.json.\n")
