@@ -13,7 +13,11 @@ output
   perfectly and wrote it in the output's most useful form;
 - `decoded`: what a rank-R linear map can recover of that embedding from the layer's attention input
   at the value's position in the history (ridge regression, fitted on `--fit-data` conversations) —
-  what a memory that writes that layer's input and reads it back through δO could deliver.
+  what a memory that writes that layer's input and reads it back through δO could deliver;
+- `predicting`: the layer's attention input, unchanged, at a history position where the backbone
+  itself predicts the value next (when the assistant repeats it: "Nice to meet you, | Nadia"), for
+  the questions that have one — a memory that copied that input would carry a prediction of the
+  value rather than the value's own token.
 
 It prints the value token's median rank among the vocabulary and how often it is the top choice,
 per layer and gain, next to the backbone with no correction.
@@ -66,6 +70,13 @@ def _value_question(tok, row) -> tuple[list[int], list[int], int] | None:
         return None
     history = _render(tok, msgs[:-2], False)
     return (history, full[:len(prompt) + answer.index(token)], token) if token in history else None
+
+
+def _predicting_position(model, history: list[int], token: int) -> int | None:
+    """The last history position whose next-token prediction is `token` and where `token` follows."""
+    logits = model(torch.tensor([history])).logits[0]
+    hits = [p - 1 for p in range(1, len(history)) if history[p] == token and int(logits[p - 1].argmax()) == token]
+    return hits[-1] if hits else None
 
 
 def _rank_with(model, ids: list[int], token: int, layer: int | None = None, vector: torch.Tensor | None = None,
@@ -139,6 +150,7 @@ def main() -> None:
         ranked.setdefault(("none",), []).append(_rank_with(model, ids, token))
         seen = _attention_inputs(model, history)
         where = history.index(token)
+        predicting = _predicting_position(model, history, token)
         for i in layers:
             for g in gains:
                 ranked.setdefault(("embedding", i, None, g), []).append(_rank_with(model, ids, token, i, emb[token], g))
@@ -147,6 +159,9 @@ def main() -> None:
                 cosine.setdefault((i, r), []).append(float(F.cosine_similarity(decoded, emb[token], dim=0)))
                 for g in gains:
                     ranked.setdefault(("decoded", i, r, g), []).append(_rank_with(model, ids, token, i, decoded, g))
+            for g in gains if predicting is not None else ():
+                ranked.setdefault(("predicting", i, None, g), []).append(
+                    _rank_with(model, ids, token, i, seen[i][predicting], g))
     print(f"{len(cases)} held-out questions from {args.data}; decoders fitted on {len(fit)} conversations "
           f"from {args.fit_data}\n")
     print("| added to the attention output | layer | rank | gain | cos to the embedding | value rank (median) "
@@ -157,6 +172,11 @@ def main() -> None:
         cos = f"{statistics.median(cosine[(layer, r)]):.2f}" if kind == "decoded" else "–"
         print(f"| {kind} | {layer} | {r or '–'} | {g or '–'} | {cos} | {statistics.median(values):g} | "
               f"{sum(v == 0 for v in values)}/{len(values)} |")
+    with_prediction = [i for i, (h, _, t) in enumerate(cases) if _predicting_position(model, h, t) is not None]
+    base = [ranked[("none",)][i] for i in with_prediction]
+    if base:
+        print(f"\n`predicting` rows: the {len(base)} questions with such a position; for them alone, no "
+              f"correction: median rank {statistics.median(base):g}, top choice {sum(v == 0 for v in base)}/{len(base)}")
 
 
 if __name__ == "__main__":
