@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--gains", default="1,2")
     ap.add_argument("--ranks", default="32,128")
     args = ap.parse_args()
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_grad_enabled(False)
@@ -140,17 +141,20 @@ def main() -> None:
     gains = [float(x) for x in args.gains.split(",")]
     ranks = [int(x) for x in args.ranks.split(",")]
     fit = [json.loads(line) for line in args.fit_data.read_text().splitlines()[:args.fit_n]]
-    decoders = _fit_decoders(model, tok, fit, layers, ranks)
+    decoders = _fit_decoders(model, tok, tqdm(fit, desc="fitting decoders", unit="conv"), layers, ranks)
     emb = model.get_input_embeddings().weight
     cases = [c for c in (_value_question(tok, json.loads(line)) for line in args.data.read_text().splitlines())
              if c][:args.n]
     ranked: dict[tuple, list[int]] = {}
     cosine: dict[tuple, list[float]] = {}
-    for history, ids, token in cases:
+    with_prediction: list[int] = []          # the none-row ranks of the questions with a predicting position
+    for history, ids, token in tqdm(cases, desc="probing", unit="question"):
         ranked.setdefault(("none",), []).append(_rank_with(model, ids, token))
         seen = _attention_inputs(model, history)
         where = history.index(token)
         predicting = _predicting_position(model, history, token)
+        if predicting is not None:
+            with_prediction.append(ranked[("none",)][-1])
         for i in layers:
             for g in gains:
                 ranked.setdefault(("embedding", i, None, g), []).append(_rank_with(model, ids, token, i, emb[token], g))
@@ -172,11 +176,10 @@ def main() -> None:
         cos = f"{statistics.median(cosine[(layer, r)]):.2f}" if kind == "decoded" else "–"
         print(f"| {kind} | {layer} | {r or '–'} | {g or '–'} | {cos} | {statistics.median(values):g} | "
               f"{sum(v == 0 for v in values)}/{len(values)} |")
-    with_prediction = [i for i, (h, _, t) in enumerate(cases) if _predicting_position(model, h, t) is not None]
-    base = [ranked[("none",)][i] for i in with_prediction]
-    if base:
-        print(f"\n`predicting` rows: the {len(base)} questions with such a position; for them alone, no "
-              f"correction: median rank {statistics.median(base):g}, top choice {sum(v == 0 for v in base)}/{len(base)}")
+    if with_prediction:
+        print(f"\n`predicting` rows: the {len(with_prediction)} questions with such a position; for them alone, no "
+              f"correction: median rank {statistics.median(with_prediction):g}, top choice "
+              f"{sum(v == 0 for v in with_prediction)}/{len(with_prediction)}")
 
 
 if __name__ == "__main__":
