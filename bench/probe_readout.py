@@ -28,19 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-def _render(tok, messages, generation_prompt: bool) -> list[int]:
-    return list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                        return_dict=False))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from delta_mem_vllm.train.episodes import render_chat  # noqa: E402
 
 
-def _attention_inputs(model, ids: list[int]) -> dict[int, torch.Tensor]:
-    """Each decoder layer's attention input (after its input norm) for one sequence: {layer: [T, H]}."""
+def _attention_inputs(model, ids: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Each decoder layer's attention input (after its input norm) for one sequence, {layer: [T, H]},
+    and the sequence's logits [T, V]."""
     seen: dict[int, torch.Tensor] = {}
 
     def capture(i):
@@ -49,18 +49,18 @@ def _attention_inputs(model, ids: list[int]) -> dict[int, torch.Tensor]:
     hooks = [layer.self_attn.register_forward_pre_hook(capture(i), with_kwargs=True)
              for i, layer in enumerate(model.model.layers)]
     try:
-        model(torch.tensor([ids]))
+        logits = model(torch.tensor([ids])).logits[0]
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return seen, logits
 
 
 def _value_question(tok, row) -> tuple[list[int], list[int], int] | None:
     """(history ids, ids up to where the value's first token is due, that token), or None when the
     token does not occur in the history as it does in the answer."""
     msgs = row["messages"]
-    prompt, full = _render(tok, msgs[-2:-1], True), _render(tok, msgs[-2:], False)
+    prompt, full = render_chat(tok, msgs[-2:-1], True), render_chat(tok, msgs[-2:], False)
     answer = full[len(prompt):]
     for text in (" " + row["answer"], row["answer"]):
         token = tok.encode(text, add_special_tokens=False)[0]
@@ -68,13 +68,13 @@ def _value_question(tok, row) -> tuple[list[int], list[int], int] | None:
             break
     else:
         return None
-    history = _render(tok, msgs[:-2], False)
+    history = render_chat(tok, msgs[:-2], False)
     return (history, full[:len(prompt) + answer.index(token)], token) if token in history else None
 
 
-def _predicting_position(model, history: list[int], token: int) -> int | None:
-    """The last history position whose next-token prediction is `token` and where `token` follows."""
-    logits = model(torch.tensor([history])).logits[0]
+def _predicting_position(history: list[int], logits: torch.Tensor, token: int) -> int | None:
+    """The last history position whose next-token prediction (from the history's `logits`) is
+    `token` and where `token` follows."""
     hits = [p - 1 for p in range(1, len(history)) if history[p] == token and int(logits[p - 1].argmax()) == token]
     return hits[-1] if hits else None
 
@@ -103,8 +103,8 @@ def _fit_decoders(model, tok, rows, layers: list[int], ranks: list[int]) -> dict
     xs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     ys = []
     for row in rows:
-        ids = _render(tok, row["messages"], False)
-        seen = _attention_inputs(model, ids)
+        ids = render_chat(tok, row["messages"], False)
+        seen, _ = _attention_inputs(model, ids)
         for i in layers:
             xs[i].append(seen[i])
         ys.append(emb[torch.tensor(ids)])
@@ -150,9 +150,9 @@ def main() -> None:
     with_prediction: list[int] = []          # the none-row ranks of the questions with a predicting position
     for history, ids, token in tqdm(cases, desc="probing", unit="question"):
         ranked.setdefault(("none",), []).append(_rank_with(model, ids, token))
-        seen = _attention_inputs(model, history)
+        seen, logits = _attention_inputs(model, history)
         where = history.index(token)
-        predicting = _predicting_position(model, history, token)
+        predicting = _predicting_position(history, logits, token)
         if predicting is not None:
             with_prediction.append(ranked[("none",)][-1])
         for i in layers:

@@ -18,7 +18,7 @@ from delta_mem_vllm.hf.model import DeltaMemModel, find_attention_modules
 from delta_mem_vllm.testing.tiny import build_tiny_model, build_tokenizer
 from delta_mem_vllm.train.data import KINDS, POOLS, conversation, load_locomo, pool
 from delta_mem_vllm.train.episodes import IGNORE, build_episode
-from delta_mem_vllm.train.trainer import (TrainConfig, _GateMeans, decorrelate_memory_projections, episode_loss, lr_at,
+from delta_mem_vllm.train.trainer import (TrainConfig, _AttentionInputs, decorrelate_memory_projections, episode_loss, lr_at,
                                           train)
 
 
@@ -93,7 +93,7 @@ def _episodes(tok, n=6):
 def test_gradients_reach_the_write_path_through_the_scan():
     model, tok = _tiny()
     dm = DeltaMemModel(model)
-    gates = _GateMeans(dm)
+    gates = _AttentionInputs(dm)
     with torch.no_grad():   # non-zero read heads, so the read view depends on the state
         for layer in dm.layers:
             layer.delta_o_proj.normal_(0, 0.3)

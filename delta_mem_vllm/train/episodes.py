@@ -25,7 +25,8 @@ class Episode:
         return len(self.write_ids) + len(self.read_ids)
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template."""
     return list(tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=generation_prompt,
                                               return_dict=False))
 
@@ -38,15 +39,15 @@ def build_episode(tokenizer: Any, messages: Sequence[dict[str, str]], max_write:
         raise ValueError("a training conversation ends with a user question and the assistant's answer")
     system = [m for m in messages if m["role"] in ("system", "developer")]
     history = [m for m in messages[:-2] if m["role"] not in ("system", "developer")]
-    write: list[int] = _render(tokenizer, system, False) if system else []
+    write: list[int] = render_chat(tokenizer, system, False) if system else []
     i = 0
     while i < len(history):       # a turn: a user message and the assistant reply that follows it
         turn = history[i:i + 2] if i + 1 < len(history) and history[i + 1]["role"] == "assistant" else history[i:i + 1]
-        write += _render(tokenizer, system + turn, False)[len(_render(tokenizer, system, False)) if system else 0:]
+        write += render_chat(tokenizer, system + turn, False)[len(render_chat(tokenizer, system, False)) if system else 0:]
         i += len(turn)
     question, answer = messages[-2], messages[-1]
-    prompt = _render(tokenizer, system + [question], True)
-    full = _render(tokenizer, system + [question, answer], False)
+    prompt = render_chat(tokenizer, system + [question], True)
+    full = render_chat(tokenizer, system + [question, answer], False)
     if full[:len(prompt)] != prompt:
         raise ValueError("the chat template does not render the question as a prefix of question + answer")
     labels = [IGNORE] * len(prompt) + full[len(prompt):]

@@ -74,7 +74,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 
-class _GateMeans:
+class _AttentionInputs:
     """Captures each layer's attention input while `on`: the read pass's, for β̄ of the regulariser
     (and the write views', for the decorrelated init)."""
 
@@ -112,7 +112,7 @@ def _answer_targets(ep: Episode, device: torch.device) -> tuple[torch.Tensor, in
     return torch.tensor(ep.labels[first:], device=device), len(ep.read_ids) - first + 1
 
 
-def episode_loss(dm: DeltaMemModel, ep: Episode, gates: _GateMeans, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
+def episode_loss(dm: DeltaMemModel, ep: Episode, gates: _AttentionInputs, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
     """Loss of one episode. Only the logits that are scored are computed: none for the write view,
     the answer positions for the read view (the vocabulary projection is a large share of the work)."""
     device = dm.device
@@ -167,7 +167,7 @@ def decorrelate_memory_projections(dm: DeltaMemModel, episodes: Sequence[Episode
     every token writes nearly the same thing under nearly the same key and the state cannot tell a
     fact from small talk. Projecting the mean direction out (W ← W(I − μ̂μ̂ᵀ), μ̂ estimated on these
     write views) leaves cosines near 0 at the start of training."""
-    capture = _GateMeans(dm)
+    capture = _AttentionInputs(dm)
     capture.on = True
     sums = [torch.zeros(()) for _ in dm.layers]
     try:
@@ -253,7 +253,7 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
                  "%.3f) [%.0f s]", prog.step, metrics["ce"], metrics["token_accuracy"], metrics["exact"],
                  baseline["ce"], baseline["token_accuracy"], baseline["exact"], time.perf_counter() - t0)
 
-    gates = _GateMeans(dm)
+    gates = _AttentionInputs(dm)
     started = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=prog.step, desc="train", unit="step", disable=not progress_bar)
     try:
