@@ -37,8 +37,10 @@ from delta_mem_vllm.train.trainer import decorrelate_memory_projections  # noqa:
 
 
 @torch.no_grad()
-def _features(dm: DeltaMemModel, tok, row: dict, layers: list[int]) -> dict[str, dict[int, torch.Tensor]] | None:
-    """The three feature sets of one conversation, per layer; None when the value is not found."""
+def _features(dm: DeltaMemModel, tok, row: dict, layers: list[int],
+              index: dict[int, int]) -> dict[str, dict[int, torch.Tensor]] | None:
+    """The three feature sets of one conversation, per layer (`index`: decoder layer → memory layer);
+    None when the value is not found."""
     ep = build_episode(tok, row["messages"])
     value = tok.encode(" " + row["answer"], add_special_tokens=False)[0]
     first = next(i for i, t in enumerate(ep.labels) if t != IGNORE)
@@ -47,8 +49,7 @@ def _features(dm: DeltaMemModel, tok, row: dict, layers: list[int]) -> dict[str,
     at_value = ep.write_ids.index(value)
     predicting = first + ep.read_ids[first:].index(value) - 1
     seen: dict[int, torch.Tensor] = {}
-    attn = [dm.model.model.layers[i].self_attn for i in range(len(dm.model.model.layers))]
-    hooks = [attn[i].register_forward_pre_hook(
+    hooks = [dm.model.model.layers[i].self_attn.register_forward_pre_hook(
         lambda m, a, kw, i=i: seen.__setitem__(i, kw.get("hidden_states", a[0] if a else None)[0]), with_kwargs=True)
         for i in layers]
     try:
@@ -58,7 +59,6 @@ def _features(dm: DeltaMemModel, tok, row: dict, layers: list[int]) -> dict[str,
     finally:
         for h in hooks:
             h.remove()
-    index = {int(name.split(".")[-2]): j for j, name in enumerate(dm.layer_names)}
     out: dict[str, dict[int, torch.Tensor]] = {"input": written, "state": {}, "read": {}}
     for i in layers:
         layer, S = dm.layers[index[i]], state[index[i]]
@@ -105,12 +105,12 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
         dm = DeltaMemModel(model, DeltaMemConfig(beta_bias_init=-5.0)).eval()
         decorrelate_memory_projections(dm, [build_episode(tok, r["messages"]) for r in rows[:32]])
-    covered = {int(name.split(".")[-2]) for name in dm.layer_names}
-    if not set(layers) <= covered:
-        sys.exit(f"probe_state: --layers {sorted(set(layers) - covered)} have no memory in this adapter")
+    index = {int(name.split(".")[-2]): j for j, name in enumerate(dm.layer_names)}   # "model.layers.29.self_attn"
+    if not set(layers) <= set(index):
+        sys.exit(f"probe_state: --layers {sorted(set(layers) - set(index))} have no memory in this adapter")
     feats, labels = [], []
     for row in tqdm(rows, desc="conversations", unit="conv", mininterval=5):
-        f = _features(dm, tok, row, layers)
+        f = _features(dm, tok, row, layers, index)
         if f is not None:
             feats.append(f)
             labels.append(row["answer"])
