@@ -147,9 +147,15 @@ def serve(settings: Settings) -> int:
     from server.engine import EngineUnavailable, choose_engine
 
     if settings.demo and not settings.model:
-        from server.demo import build_demo_model
+        from delta_mem_vllm.pretrained import FetchError
+        from server.demo import build_demo_model, real_demo
 
-        model_dir, adapter_dir = build_demo_model(settings.demo_dir)
+        try:
+            model_dir, adapter_dir = build_demo_model(settings.demo_dir) if settings.demo_tiny else real_demo(
+                settings.models_dir)
+        except FetchError as exc:
+            print(f"delta-mem-vllm: error: --demo: {exc} (--demo --demo-tiny needs no download)", file=sys.stderr)
+            return 2
         settings = settings.model_copy(update={"model": str(model_dir), "adapter": str(adapter_dir),
                                                "served_model_name": settings.served_model_name or "delta-mem-demo"})
     problem = startup_problem(settings)

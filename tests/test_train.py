@@ -18,8 +18,11 @@ from delta_mem_vllm.hf.model import DeltaMemModel, find_attention_modules
 from delta_mem_vllm.testing.tiny import build_tiny_model, build_tokenizer
 from delta_mem_vllm.train.data import KINDS, POOLS, conversation, load_locomo, pool
 from delta_mem_vllm.train.episodes import IGNORE, build_episode
-from delta_mem_vllm.train.trainer import (TrainConfig, _AttentionInputs, decorrelate_memory_projections, episode_loss, lr_at,
-                                          train)
+from delta_mem_vllm.config import DeltaMemConfig
+from delta_mem_vllm.testing.adapters import randomize_
+from delta_mem_vllm.train.prefix import build_prefix
+from delta_mem_vllm.train.trainer import (EpisodeRunner, TrainConfig, _AttentionInputs, decorrelate_memory_projections,
+                                          episode_loss, evaluate, lr_at, train)
 
 
 def test_held_out_values_never_appear_in_training_conversations():
@@ -98,7 +101,7 @@ def test_gradients_reach_the_write_path_through_the_scan():
         for layer in dm.layers:
             layer.delta_o_proj.normal_(0, 0.3)
             layer.delta_q_proj.normal_(0, 0.3)
-    loss, _ = episode_loss(dm, _episodes(tok, 1)[0], gates, TrainConfig())
+    loss, _ = episode_loss(EpisodeRunner(dm), 0, _episodes(tok, 1)[0], gates, TrainConfig())
     loss.backward()
     assert all(layer.memory_k_proj.grad is not None and layer.memory_k_proj.grad.abs().sum() > 0 for layer in dm.layers)
     assert all(p.grad is None for p in dm.model.parameters())      # the backbone stays frozen
@@ -127,6 +130,79 @@ def test_decorrelated_init_takes_the_mean_input_direction_out_of_the_memory_proj
     # only the mean direction is removed: the rest of each projection is untouched
     mu0 = F.normalize(torch.cat(means[0]).mean(0), dim=0)
     assert torch.allclose(dm.layers[0].memory_v_proj, v_before - torch.outer(v_before @ mu0, mu0), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_top_layers_on_the_cached_prefix_equal_the_whole_model(arch):
+    model = build_tiny_model(arch, seed=0, num_hidden_layers=4)
+    dm = DeltaMemModel(model, DeltaMemConfig(target_layers=(2, 3), beta_bias_init=-1.0))
+    randomize_(dm, seed=1)
+    assert dm.first_memory_layer == 2
+    ids = torch.randint(0, 200, (1, 13))
+    state = torch.randn(1, *dm.state_shape) * 0.3
+    h = dm.hidden_states_before(ids, 2)
+    with torch.no_grad():
+        assert torch.equal(h, dm.model(ids, output_hidden_states=True).hidden_states[2])
+        for write in (True, False):
+            full = dm(ids, state=state, write=write)
+            top = dm.forward_from(h, 2, state=state, write=write)
+            assert torch.allclose(top.logits, full.logits, atol=1e-5)
+            assert torch.allclose(top.state, full.state, atol=1e-6)
+        assert torch.allclose(dm.forward_from(dm.hidden_states_before(ids, 1), 1, state=state, write=False,
+                                              logits_to_keep=3).logits,
+                              full.logits[:, -3:], atol=1e-5)
+    # every decoder layer is back in place afterwards
+    assert len(dm.model.model.layers) == 4
+    with pytest.raises(ValueError, match="decoder layer 2"):
+        dm.forward_from(dm.hidden_states_before(ids, 3), 3)
+
+
+def test_training_on_the_frozen_prefix_gives_the_same_adapter_and_reuses_its_cache(tmp_path, caplog):
+    model, tok = _tiny()
+    eps = _episodes(tok, 4)
+    cfg = TrainConfig(steps=3, grad_accum=2, lr=3e-3, save_every=0, eval_every=0, seed=3, decorrelate_init=2)
+    start = DeltaMemConfig(target_layers=(1,), alpha=64, beta_bias_init=-3.0)
+    with caplog.at_level("INFO", logger="delta_mem_vllm.train"):
+        cached = train(model, eps, tmp_path / "cached", cfg, start, progress_bar=False, eval_episodes=eps[:2])
+    assert "layers 0-0 are run once per conversation" in caplog.text
+    assert (tmp_path / "cached" / "frozen-prefix.pt").exists() and (tmp_path / "cached" / "frozen-prefix-eval.pt").exists()
+    whole = train(build_tiny_model("llama", seed=0), eps, tmp_path / "whole",
+                  TrainConfig(**{**cfg.__dict__, "frozen_prefix": False}), start, progress_bar=False,
+                  eval_episodes=eps[:2])
+    assert not (tmp_path / "whole" / "frozen-prefix.pt").exists()
+    a, b = load_adapter(cached), load_adapter(whole)
+    assert all(torch.allclose(a.tensors[k], b.tensors[k], atol=1e-5) for k in a.tensors)
+    ca, cb = (json.loads((d / "training_card.json").read_text()) for d in (cached, whole))
+    assert [x[2] for x in ca["loss_curve"]] == pytest.approx([x[2] for x in cb["loss_curve"]], abs=1e-4)
+    assert ca["heldout_eval"][-1]["ce"] == pytest.approx(cb["heldout_eval"][-1]["ce"], abs=1e-4)
+    # the saved cache is what a resumed run loads; a different layer is not taken from it
+    dm = DeltaMemModel(build_tiny_model("llama", seed=0), start)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="delta_mem_vllm.train"):
+        again = build_prefix(dm, eps, 1, tmp_path / "cached" / "frozen-prefix.pt", progress_bar=False)
+        assert "loaded from" in caplog.text
+        assert all(torch.equal(w, dm.hidden_states_before(torch.tensor([ep.write_ids]), 1)[0])
+                   for (w, _), ep in zip(again, eps))
+        caplog.clear()
+        build_prefix(dm, eps[:1], 1, tmp_path / "other.pt", progress_bar=False)
+        assert "loaded from" not in caplog.text
+
+
+def test_a_read_view_that_writes_is_a_served_turn():
+    model, tok = _tiny()
+    dm = DeltaMemModel(model)
+    randomize_(dm, seed=2)
+    eps = _episodes(tok, 2)
+    with torch.no_grad():
+        got = evaluate(dm, eps, read_writes=True)
+        read_only = evaluate(dm, eps)
+        nll = n = 0
+        for ep in eps:
+            state = dm(torch.tensor([ep.write_ids])).state
+            logits = dm(torch.tensor([ep.read_ids]), state=state, write=True).logits[0, :-1]
+            nll += float(F.cross_entropy(logits, torch.tensor(ep.labels[1:]), ignore_index=IGNORE, reduction="sum"))
+            n += sum(t != IGNORE for t in ep.labels[1:])
+    assert got["ce"] == pytest.approx(nll / n, abs=1e-3) and got["ce"] != read_only["ce"]
 
 
 def test_schedule():

@@ -62,10 +62,7 @@ def find_attention_modules(model: nn.Module, config: DeltaMemConfig) -> list[tup
             continue
         if not all(isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             continue
-        idx = getattr(module, "layer_idx", None)
-        if idx is None:
-            digits = re.findall(r"\.(\d+)\.", f".{name}.")
-            idx = int(digits[-1]) if digits else None
+        idx = _layer_index(name, module)
         if config.target_layers and idx not in config.target_layers:
             continue
         found.append((name, module))
@@ -73,6 +70,19 @@ def find_attention_modules(model: nn.Module, config: DeltaMemConfig) -> list[tup
         raise AdapterError(f"no attention module matches target_modules={list(config.target_modules)} "
                            f"and target_layers={list(config.target_layers)} in {type(model).__name__}")
     return found
+
+
+def _layer_index(name: str, module: nn.Module) -> int | None:
+    """The decoder layer an attention module belongs to: its `layer_idx`, else the last number in its name."""
+    idx = getattr(module, "layer_idx", None)
+    if idx is None:
+        digits = re.findall(r"\.(\d+)\.", f".{name}.")
+        idx = int(digits[-1]) if digits else None
+    return idx
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook of `hidden_states_before` once it has what it came for."""
 
 
 class DeltaMemModel(nn.Module):
@@ -94,6 +104,7 @@ class DeltaMemModel(nn.Module):
         self._call: _Call | None = None
         self._hooks: list[Any] = []
         self.layer_names: list[str] = []
+        self.layer_indices: list[int | None] = []     # decoder layer of each memory layer
         self.layers = nn.ModuleList()
         ref = next(model.parameters())
         for name, attn in find_attention_modules(model, config):
@@ -103,6 +114,7 @@ class DeltaMemModel(nn.Module):
             layer.to(device=ref.device, dtype=ref.dtype)
             self._attach(len(self.layers), attn, layer)
             self.layer_names.append(name)
+            self.layer_indices.append(_layer_index(name, attn))
             self.layers.append(layer)
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -288,6 +300,80 @@ class DeltaMemModel(nn.Module):
         new_state = torch.stack(call.new_state, dim=1)
         cache = getattr(out, self._cache_kwarg, None)
         return DeltaMemOutput(logits=out.logits, state=new_state, past_key_values=cache)
+
+    # --- running the top of the decoder only (training on a frozen prefix) -------------------
+    @property
+    def first_memory_layer(self) -> int:
+        """The lowest decoder layer with a memory: every layer below it is the plain, frozen backbone."""
+        if any(i is None for i in self.layer_indices):
+            raise AdapterError("the decoder layer of a memory layer is unknown (no layer_idx, no number in its name)")
+        return min(self.layer_indices)
+
+    def _decoder_layers(self) -> tuple[nn.Module, str]:
+        """The module holding the decoder layers as a ModuleList, and that attribute's name."""
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else getattr(self.model, "model", None)
+        for attr in ("layers", "h", "blocks"):
+            if isinstance(getattr(decoder, attr, None), nn.ModuleList):
+                return decoder, attr
+        raise TypeError(f"{type(self.model).__name__}: cannot find its decoder layers")
+
+    @torch.no_grad()
+    def hidden_states_before(self, input_ids: Tensor, layer: int) -> Tensor:
+        """The residual stream entering decoder `layer` ([B,T,H]), stopping the pass there.
+
+        Exact for the Δ-Mem model too when `layer <= first_memory_layer`: the layers below are
+        the frozen backbone. This is what lets training on top layers compute the prefix once.
+        """
+        decoder, attr = self._decoder_layers()
+        captured: list[Tensor] = []
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+            raise _StopForward
+
+        handle = getattr(decoder, attr)[layer].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with self._lock:
+                self.model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0].detach().clone()
+
+    def forward_from(self, hidden: Tensor, layer: int, state: Tensor | None = None, write: bool = True,
+                     logits_to_keep: int = 0, message_ids: Tensor | None = None) -> DeltaMemOutput:
+        """Run decoder layers `layer`… and the head on `hidden` ([B,T,H], from `hidden_states_before`),
+        positions from 0, no padding, no KV cache. Every memory layer must be at or above `layer`.
+
+        Equal to `forward` on the same tokens (the test checks it); the layers below are not run.
+        Backbones that rescale `inputs_embeds` inside their forward (e.g. Gemma) are not supported:
+        check against `forward` once, as the trainer does.
+        """
+        if layer > self.first_memory_layer:
+            raise ValueError(f"forward_from({layer}): a memory sits below, in decoder layer {self.first_memory_layer}")
+        if len(set(getattr(self.model.config, "layer_types", None) or ())) > 1:
+            raise NotImplementedError("forward_from: layers of different attention types (sliding windows) "
+                                      "are indexed from 0 by the backbone's forward")
+        B, T, _ = hidden.shape
+        if state is None:
+            state = self.zero_state(B)
+        call = _Call(state=state.to(dtype=torch.float32), valid=None,
+                     writes=None if write else torch.zeros(B, T, dtype=torch.bool, device=hidden.device),
+                     segment_ids=self._segment_ids(message_ids, None, (B, T)), new_state=[None] * len(self.layers))
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        decoder, attr = self._decoder_layers()
+        full = getattr(decoder, attr)
+        with self._lock:
+            setattr(decoder, attr, nn.ModuleList(list(full)[layer:]))
+            self._call = call
+            try:
+                out = self.model(inputs_embeds=hidden, position_ids=torch.arange(T, device=hidden.device).expand(B, T),
+                                 use_cache=False, **kwargs)
+            finally:
+                self._call = None
+                setattr(decoder, attr, full)
+        return DeltaMemOutput(logits=out.logits, state=torch.stack(call.new_state, dim=1))
 
     def _segment_ids(self, message_ids: Tensor | None, sentence_ids: Tensor | None,
                      shape: tuple[int, int]) -> Tensor | None:

@@ -20,6 +20,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                                                "(held-out: at least 3)")
     data.add_argument("--max-turns", type=int, default=8)
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--max-facts", type=int, default=3, choices=range(1, 9), metavar="{1..8}",
+                      help="facts told per conversation at most (1 for a first curriculum stage)")
+    data.add_argument("--values", choices=("open", "closed"), default="open",
+                      help="open: large pools, held-out values never trained on; closed: eight values per kind, "
+                           "shared by both splits (a 1-in-8 choice the memory has to carry)")
 
     train = sub.add_parser("train", help="train a Δ-Mem adapter for a frozen backbone (the reference recipe)")
     train.add_argument("--model", type=Path, required=True, help="transformers checkpoint directory")
@@ -49,6 +54,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--decorrelate-init", type=int, default=0, metavar="N",
                        help="take each layer's mean input direction out of the fresh memory q/k/v projections, "
                             "estimated on N write views (otherwise every token writes nearly the same vector)")
+    train.add_argument("--read-writes", action="store_true",
+                       help="the read view writes its question and answer into the state, as a served turn does "
+                            "(the reference's read view is read-only)")
+    train.add_argument("--no-frozen-prefix", action="store_true",
+                       help="run the whole backbone every episode; by default, when every memory layer is above "
+                            "layer 0, the layers below the first are run once per conversation and cached")
     train.add_argument("--init-adapter", type=Path, default=None,
                        help="start from this adapter's weights (e.g. a curriculum's earlier stage) instead of the init")
     train.add_argument("--save-every", type=int, default=50)
@@ -79,9 +90,10 @@ def make_data(args: argparse.Namespace) -> int:
     from .data import conversations, write_jsonl
 
     try:
-        train = conversations(args.train, "train", args.seed, min_gap=args.min_gap, max_turns=args.max_turns)
+        train = conversations(args.train, "train", args.seed, min_gap=args.min_gap, max_turns=args.max_turns,
+                              values=args.values, max_facts=args.max_facts)
         held = conversations(args.heldout, "heldout", args.seed, min_gap=max(3, args.min_gap),
-                             max_turns=args.max_turns)
+                             max_turns=args.max_turns, values=args.values, max_facts=args.max_facts)
     except RuntimeError as exc:
         print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
         return 2
@@ -128,7 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
                       reg_weight=args.reg_weight, reg_target=args.reg_target, seed=args.seed,
                       save_every=args.save_every, eval_every=args.eval_every, autocast_bf16=args.bf16,
-                      decorrelate_init=args.decorrelate_init)
+                      decorrelate_init=args.decorrelate_init, read_writes=args.read_writes,
+                      frozen_prefix=not args.no_frozen_prefix)
     # an initial adapter brings its own configuration; --rank/--alpha/... shape a fresh one
     start = load_adapter(args.init_adapter) if args.init_adapter else DeltaMemConfig(
         rank=args.rank, alpha=args.alpha or 2.0 * args.rank, delta_heads=args.delta_heads,

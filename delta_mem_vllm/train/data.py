@@ -117,6 +117,18 @@ POOLS = {"name": NAMES, "city": CITIES, "food": tuple(dict.fromkeys(FOODS)), "jo
          "pet": tuple(dict.fromkeys(PETS)), "colour": COLOURS,
          "word": tuple(w for w in WORDS if w not in _TEMPLATE_WORDS),
          "number": tuple(str(n) for n in range(10, 1000))}
+# Closed sets: eight values per kind, most of them one token in common vocabularies. A memory then
+# only has to carry which of eight it heard (chance 1/8), the task a small backbone can learn where
+# copying an unseen value is out of its reach; train and held-out share the values and differ in the
+# conversations (seeds), so a closed-set score is not a score on unseen values.
+CLOSED_POOLS = {"name": "Tom Anna Sam Lucy Max Emma Jack Sarah",
+                "city": "Paris London Tokyo Berlin Rome Madrid Boston Sydney",
+                "food": "pizza pasta sushi rice soup cake bread cheese",
+                "job": "nurse teacher pilot doctor farmer lawyer baker chef",
+                "pet": "Buddy Luna Charlie Bella Rocky Daisy Milo Coco",
+                "word": "apple river stone cloud tiger piano candle garden",
+                "number": "2 3 4 5 6 7 8 9", "colour": "red blue green yellow purple orange pink black"}
+CLOSED_POOLS = {k: tuple(v.split()) for k, v in CLOSED_POOLS.items()}
 UPDATE = {"city": "Actually, I just moved to {v}.", "job": "I changed jobs: now I work as a {v}.",
           "number": "Forget the old number, my lucky number is now {v}."}
 
@@ -126,16 +138,20 @@ def _held_out(value: str) -> bool:
     return int(hashlib.sha256(value.encode()).hexdigest(), 16) % 5 == 0
 
 
-def pool(kind: str, split: str) -> list[str]:
+def pool(kind: str, split: str, values: str = "open") -> list[str]:
+    """A kind's values for a split: `open` pools are split (held-out values never trained on), `closed` ones shared."""
+    if values == "closed":
+        return list(CLOSED_POOLS[kind])
     return [v for v in POOLS[kind] if _held_out(v) == (split == "heldout")]
 
 
 def conversation(rng: random.Random, split: str, min_gap: int = 1, max_turns: int = 8,
-                 allow_update: bool = True) -> dict[str, Any]:
-    """One conversation: 1–3 facts told, small talk, sometimes an update that overwrites a fact, then
-    one question about a fact whose latest value was told at least `min_gap` user turns before it."""
-    kinds = rng.sample(sorted(KINDS), rng.randint(1, 3))
-    facts = {k: rng.choice(pool(k, split)) for k in kinds}
+                 allow_update: bool = True, values: str = "open", max_facts: int = 3) -> dict[str, Any]:
+    """One conversation: 1–`max_facts` facts told, small talk, sometimes an update that overwrites a
+    fact, then one question about a fact whose latest value was told at least `min_gap` user turns
+    before it."""
+    kinds = rng.sample(sorted(KINDS), rng.randint(1, max_facts))
+    facts = {k: rng.choice(pool(k, split, values)) for k in kinds}
     species = rng.choice(SPECIES)
     turns: list[tuple[str, str, str | None, str]] = []     # (user, assistant, kind told, value)
     for k in kinds:
@@ -146,7 +162,7 @@ def conversation(rng: random.Random, split: str, min_gap: int = 1, max_turns: in
     cands = [k for k in kinds if k in UPDATE]
     if allow_update and cands and rng.random() < 0.25:
         updated = rng.choice(cands)
-        facts[updated] = rng.choice([v for v in pool(updated, split) if v != facts[updated]])
+        facts[updated] = rng.choice([v for v in pool(updated, split, values) if v != facts[updated]])
         turns.append((UPDATE[updated], "Thanks for the update.", updated, facts[updated]))
     target = updated or rng.choice(kinds)
     told = max(i for i, t in enumerate(turns) if t[2] == target)
@@ -164,12 +180,12 @@ def conversation(rng: random.Random, split: str, min_gap: int = 1, max_turns: in
     messages += [{"role": "user", "content": fill(rng.choice(f.ask), value)},
                  {"role": "assistant", "content": fill(f.answer, value)}]
     return {"messages": messages, "answer": value, "kind": target, "gap": len(turns) - told,
-            "updated": updated == target, "split": split}
+            "updated": updated == target, "split": split, "values": values}
 
 
 def conversations(n: int, split: str, seed: int, **kw: Any) -> Iterator[dict[str, Any]]:
     """`n` conversations, generated lazily; raises at once (not at the first item) without Faker."""
-    if not _FAKER:
+    if not _FAKER and kw.get("values", "open") == "open":
         raise RuntimeError("recall conversations draw values from Faker: pip install 'delta-mem-vllm[train]'")
     rng = random.Random(f"{seed}:{split}")
     return (conversation(rng, split, **kw) for _ in range(n))

@@ -10,6 +10,9 @@ true mean.) AdamW, cosine schedule with warmup, gradient accumulation, gradient 
 Checkpoints hold the adapter, optimiser, schedule, data position, RNG and loss history, so a resumed
 run continues exactly where it stopped. The result is the adapter in both formats plus a card.
 Held-out episodes, when given, are scored during training against the bare backbone (a zero state).
+When every memory layer sits above layer 0, the frozen layers below the first are run once per
+conversation and cached (`prefix.py`), checked once against the whole forward; `read_writes` makes
+the read view write its question and answer, as a served turn does.
 `decorrelate_init` optionally takes the backbone's shared input direction out of the fresh memory
 projections (see `decorrelate_memory_projections`); the default is the reference initialisation.
 """
@@ -33,6 +36,7 @@ from ..adapter import Adapter, save_adapter
 from ..config import DeltaMemConfig
 from ..hf.model import DeltaMemModel, find_attention_modules
 from .episodes import IGNORE, Episode
+from .prefix import Views, build_prefix
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,9 @@ class TrainConfig:
     autocast_bf16: bool = False          # backbone matmuls in bf16 (the Δ-Mem state stays fp32)
     decorrelate_init: int = 0            # write views used to take each layer's mean input direction out of
                                          # the fresh memory q/k/v projections (0: the reference init)
+    read_writes: bool = False            # the read view writes too, as a served turn writes its question and
+                                         # answer (the reference's read view is read-only)
+    frozen_prefix: bool = True           # cache the layers below the first memory layer once (see prefix.py)
 
 
 @dataclass
@@ -105,6 +112,29 @@ class _AttentionInputs:
         return torch.stack(terms).mean()
 
 
+class EpisodeRunner:
+    """Runs an episode's write and read views, from the cached frozen prefix when there is one."""
+
+    def __init__(self, dm: DeltaMemModel, prefix: Sequence[Views] | None = None, layer: int = 0) -> None:
+        self.dm, self.prefix, self.layer = dm, prefix, layer
+
+    def write(self, i: int, ep: Episode, write: bool = True) -> torch.Tensor | None:
+        """The state after the history (None when there is none)."""
+        if not ep.write_ids:
+            return None
+        if self.prefix is not None:
+            return self.dm.forward_from(self.prefix[i][0][None], self.layer, write=write, logits_to_keep=1).state
+        return self.dm(torch.tensor([ep.write_ids], device=self.dm.device), write=write, logits_to_keep=1).state
+
+    def read(self, i: int, ep: Episode, state: torch.Tensor | None, keep: int, write: bool = False) -> torch.Tensor:
+        """The read view's last `keep` logits, from `state`."""
+        if self.prefix is not None:
+            return self.dm.forward_from(self.prefix[i][1][None], self.layer, state=state, write=write,
+                                        logits_to_keep=keep).logits
+        return self.dm(torch.tensor([ep.read_ids], device=self.dm.device), state=state, write=write,
+                       logits_to_keep=keep).logits
+
+
 def _answer_targets(ep: Episode, device: torch.device) -> tuple[torch.Tensor, int]:
     """The read view's labels from the first scored token on, and how many final logits score them
     (positions first-1 … end: each predicts the next token)."""
@@ -112,20 +142,19 @@ def _answer_targets(ep: Episode, device: torch.device) -> tuple[torch.Tensor, in
     return torch.tensor(ep.labels[first:], device=device), len(ep.read_ids) - first + 1
 
 
-def episode_loss(dm: DeltaMemModel, ep: Episode, gates: _AttentionInputs, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
-    """Loss of one episode. Only the logits that are scored are computed: none for the write view,
+def episode_loss(run: EpisodeRunner, i: int, ep: Episode, gates: _AttentionInputs,
+                 cfg: TrainConfig) -> tuple[torch.Tensor, float]:
+    """Loss of episode `i`. Only the logits that are scored are computed: none for the write view,
     the answer positions for the read view (the vocabulary projection is a large share of the work)."""
-    device = dm.device
-    write = torch.tensor([ep.write_ids], device=device)
-    read = torch.tensor([ep.read_ids], device=device)
+    device = run.dm.device
     targets, keep = _answer_targets(ep, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.autocast_bf16 else torch.autocast(
         device.type, enabled=False)
     with ctx:
-        state = dm(write, write=True, logits_to_keep=1).state if ep.write_ids else None
+        state = run.write(i, ep)
         gates.on = True
         try:
-            logits = dm(read, state=state, write=False, logits_to_keep=keep).logits
+            logits = run.read(i, ep, state, keep, write=cfg.read_writes)
         finally:
             gates.on = False
     ce = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE)
@@ -134,20 +163,19 @@ def episode_loss(dm: DeltaMemModel, ep: Episode, gates: _AttentionInputs, cfg: T
 
 
 @torch.no_grad()
-def evaluate(dm: DeltaMemModel, episodes: Sequence[Episode], memory: bool = True) -> dict[str, float]:
+def evaluate(dm: DeltaMemModel | EpisodeRunner, episodes: Sequence[Episode], memory: bool = True,
+             read_writes: bool = False) -> dict[str, float]:
     """Held-out answer cross-entropy, teacher-forced answer-token accuracy and whole-answer exact
     match (every answer token the top choice: the fact's value included, which token accuracy hides
     behind the answer's easy form words), the answer read from the state the history wrote (`memory`)
     or from a zero state (the bare backbone: zero reads add nothing), so the gap between the two is
     what the memory carries."""
+    run = dm if isinstance(dm, EpisodeRunner) else EpisodeRunner(dm)
     nll = correct = count = exact = 0.0
-    for ep in episodes:
-        targets, keep = _answer_targets(ep, dm.device)
-        state = None
-        if memory and ep.write_ids:
-            state = dm(torch.tensor([ep.write_ids], device=dm.device), write=True, logits_to_keep=1).state
-        logits = dm(torch.tensor([ep.read_ids], device=dm.device), state=state, write=False,
-                    logits_to_keep=keep).logits[0, :-1].float()
+    for i, ep in enumerate(episodes):
+        targets, keep = _answer_targets(ep, run.dm.device)
+        state = run.write(i, ep) if memory else None
+        logits = run.read(i, ep, state, keep, write=read_writes)[0, :-1].float()
         scored = targets != IGNORE
         nll += float(F.cross_entropy(logits[scored], targets[scored], reduction="sum"))
         hits = logits.argmax(-1)[scored] == targets[scored]
@@ -159,7 +187,7 @@ def evaluate(dm: DeltaMemModel, episodes: Sequence[Episode], memory: bool = True
 
 
 @torch.no_grad()
-def decorrelate_memory_projections(dm: DeltaMemModel, episodes: Sequence[Episode]) -> None:
+def decorrelate_memory_projections(dm: DeltaMemModel | EpisodeRunner, episodes: Sequence[Episode]) -> None:
     """Remove each layer's mean attention-input direction from the memory q/k/v projections.
 
     A backbone's attention inputs share a large constant component (massive activations): on
@@ -167,14 +195,17 @@ def decorrelate_memory_projections(dm: DeltaMemModel, episodes: Sequence[Episode
     every token writes nearly the same thing under nearly the same key and the state cannot tell a
     fact from small talk. Projecting the mean direction out (W ← W(I − μ̂μ̂ᵀ), μ̂ estimated on these
     write views) leaves cosines near 0 at the start of training."""
+    run = dm if isinstance(dm, EpisodeRunner) else EpisodeRunner(dm)
+    dm = run.dm
     capture = _AttentionInputs(dm)
     capture.on = True
-    sums = [torch.zeros(()) for _ in dm.layers]
+    sums = [torch.zeros((), device=dm.device) for _ in dm.layers]
     try:
-        for ep in episodes:
-            dm(torch.tensor([ep.write_ids], device=dm.device), write=False, logits_to_keep=1)
+        for j, ep in enumerate(episodes):
+            run.write(j, ep, write=False)
             for i, x in capture.inputs.items():
                 sums[i] = sums[i] + x.float().flatten(0, -2).sum(0)
+            capture.inputs.clear()
     finally:
         capture.close()
     for i, layer in enumerate(dm.layers):
@@ -182,6 +213,33 @@ def decorrelate_memory_projections(dm: DeltaMemModel, episodes: Sequence[Episode
         for name in ("memory_q_proj", "memory_k_proj", "memory_v_proj"):
             weight = getattr(layer, name)
             weight.sub_(torch.outer(weight.float() @ mu, mu).to(weight.dtype))
+
+
+def _runners(dm: DeltaMemModel, episodes: Sequence[Episode], eval_episodes: Sequence[Episode], out: Path,
+             cfg: TrainConfig, progress_bar: bool) -> tuple[EpisodeRunner, EpisodeRunner]:
+    """Runners for the training and held-out episodes: on the cached frozen prefix when every memory
+    layer is above layer 0 and the cached path reproduces the full forward on the first episode."""
+    layer = dm.first_memory_layer if cfg.frozen_prefix and all(i is not None for i in dm.layer_indices) else 0
+    if layer == 0 or cfg.autocast_bf16:
+        return EpisodeRunner(dm), EpisodeRunner(dm)
+    try:
+        probe = EpisodeRunner(dm, build_prefix(dm, episodes[:1], layer, progress_bar=False), layer)
+        ep = episodes[0]
+        with torch.no_grad():
+            state = EpisodeRunner(dm).write(0, ep)
+            cached = probe.read(0, ep, probe.write(0, ep), 4)
+            full = EpisodeRunner(dm).read(0, ep, state, 4)
+        if not torch.allclose(cached, full, atol=1e-3, rtol=1e-3):
+            raise ValueError(f"logits differ by {float((cached - full).abs().max()):.2e}")
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        log.warning("training through the whole backbone: the frozen-prefix path does not apply (%s)", exc)
+        return EpisodeRunner(dm), EpisodeRunner(dm)
+    log.info("memory from decoder layer %d: layers 0-%d are run once per conversation and cached", layer, layer - 1)
+    run = EpisodeRunner(dm, build_prefix(dm, episodes, layer, out / "frozen-prefix.pt", "frozen prefix",
+                                         progress_bar), layer)
+    held = EpisodeRunner(dm, build_prefix(dm, eval_episodes, layer, out / "frozen-prefix-eval.pt",
+                                          "frozen prefix, held-out", progress_bar), layer) if eval_episodes else run
+    return run, held
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -227,27 +285,29 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
         prog = _Progress(**{**saved["progress"], "losses": [tuple(x) for x in saved["progress"]["losses"]]})
         torch.set_rng_state(saved["torch_rng"])
         log.info("resuming from %s (step %d of %d)", previous[-1].name, prog.step, cfg.steps)
-    elif cfg.decorrelate_init and not isinstance(adapter_config, Adapter):
-        decorrelate_memory_projections(dm, episodes[:cfg.decorrelate_init])
+    run, eval_run = _runners(dm, episodes, eval_episodes, out, cfg, progress_bar)
+    if not previous and cfg.decorrelate_init and not isinstance(adapter_config, Adapter):
+        decorrelate_memory_projections(run, episodes[:cfg.decorrelate_init])
         log.info("memory projections decorrelated from the mean input on %d write views",
                  min(len(episodes), cfg.decorrelate_init))
 
-    def next_episode() -> Episode:
+    def next_episode() -> tuple[int, Episode]:
         nonlocal order
         if not order:           # a fresh shuffled pass over the data
             order = list(range(len(episodes)))
             random.Random(f"{cfg.seed}:{prog.cursor // len(episodes)}").shuffle(order)
             order = order[prog.cursor % len(episodes):]
         prog.cursor += 1
-        return episodes[order.pop(0)]
+        i = order.pop(0)
+        return i, episodes[i]
 
-    baseline = evaluate(dm, eval_episodes, memory=False) if eval_episodes else None
+    baseline = evaluate(eval_run, eval_episodes, memory=False, read_writes=cfg.read_writes) if eval_episodes else None
 
     def run_eval() -> None:
         if not eval_episodes or (prog.evals and prog.evals[-1]["step"] == prog.step):
             return
         t0 = time.perf_counter()
-        metrics = {"step": prog.step, **evaluate(dm, eval_episodes)}
+        metrics = {"step": prog.step, **evaluate(eval_run, eval_episodes, read_writes=cfg.read_writes)}
         prog.evals.append(metrics)
         log.info("held-out at step %d: answer ce %.3f, token accuracy %.3f, exact %.3f (zero state: %.3f, %.3f, "
                  "%.3f) [%.0f s]", prog.step, metrics["ce"], metrics["token_accuracy"], metrics["exact"],
@@ -264,8 +324,8 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
             total = ce_sum = 0.0
             tokens = 0
             for _ in range(cfg.grad_accum):
-                ep = next_episode()
-                loss, ce = episode_loss(dm, ep, gates, cfg)
+                i, ep = next_episode()
+                loss, ce = episode_loss(run, i, ep, gates, cfg)
                 (loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
                 ce_sum += ce / cfg.grad_accum

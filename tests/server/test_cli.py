@@ -33,7 +33,7 @@ def test_flags_env_and_precedence(monkeypatch):
 def test_engine_refusals_are_one_clear_line(tmp_path):
     """Startup errors name the problem and exit 2, without a traceback (engine choice: see
     tests/test_vllm_plugin_logic.py)."""
-    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--engine", "vllm", "--demo", "--demo-dir",
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--engine", "vllm", "--demo", "--demo-tiny", "--demo-dir",
                         str(tmp_path / "demo"), "--enable-prefix-caching"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]

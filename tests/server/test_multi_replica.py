@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-ser
 
 
 def _replica_args(model_dir, redis_url: str) -> list[str]:
-    return ["--demo", "--demo-dir", str(model_dir.parent), "--served-model-name", "tiny", "--engine", "torch",
+    return ["--demo", "--demo-tiny", "--demo-dir", str(model_dir.parent), "--served-model-name", "tiny", "--engine", "torch",
             "--state-backend", "redis", "--redis-url", redis_url, "--redis-prefix", "mr:",
             "--device-pool-size", "2", "--host-pool-size", "2", "--record-written-tokens",
             "--session-wait-timeout", "10", "--shutdown-grace", "5", "--api-keys", "key-1,key-2"]

@@ -39,7 +39,7 @@ def engine_flags(engine: str) -> list[str]:
 def test_restart_kill9_and_corrupted_states(engine, tiny_paths, tmp_path, proc_servers):
     model_dir, _ = tiny_paths
     state_dir = tmp_path / "state"
-    args = ["--demo", "--demo-dir", str(model_dir.parent), "--state-dir", str(state_dir),
+    args = ["--demo", "--demo-tiny", "--demo-dir", str(model_dir.parent), "--state-dir", str(state_dir),
             "--served-model-name", "tiny", "--shutdown-grace", "20", *engine_flags(engine)]
 
     def start(n: int) -> ProcServer:
@@ -135,7 +135,7 @@ def test_restart_kill9_and_corrupted_states(engine, tiny_paths, tmp_path, proc_s
 
 def test_a_stream_outlasting_the_grace_period_ends_with_an_error_event(tiny_paths, tmp_path, proc_servers):
     model_dir, _ = tiny_paths
-    srv = ProcServer(["--demo", "--demo-dir", str(model_dir.parent), "--state-dir", str(tmp_path / "state"),
+    srv = ProcServer(["--demo", "--demo-tiny", "--demo-dir", str(model_dir.parent), "--state-dir", str(tmp_path / "state"),
                       "--served-model-name", "tiny", "--shutdown-grace", "1", "--engine", "torch"],
                      tmp_path / "server.log")
     proc_servers.append(srv)
