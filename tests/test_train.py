@@ -48,6 +48,29 @@ def test_without_faker_the_generator_says_what_to_install(monkeypatch):
     monkeypatch.setattr(data, "_FAKER", {})
     with pytest.raises(RuntimeError, match=r"delta-mem-vllm\[train\]"):
         next(data.conversations(1, "train", 0))
+    # closed sets are built in: no Faker needed
+    assert next(data.conversations(1, "train", 0, values="closed"))["values"] == "closed"
+
+
+def test_closed_set_conversations_draw_from_eight_values_and_tell_at_most_max_facts():
+    from delta_mem_vllm.train.data import CLOSED_POOLS, conversations
+
+    assert all(len(set(v)) == 8 for v in CLOSED_POOLS.values()) and set(CLOSED_POOLS) == set(KINDS)
+    for split in ("train", "heldout"):
+        rows = list(conversations(200, split, 0, values="closed", max_facts=1, min_gap=3))
+        assert all(r["answer"] in CLOSED_POOLS[r["kind"]] and r["gap"] >= 3 for r in rows)
+        for r in rows:     # one fact told (and perhaps updated): every told value is of the asked kind
+            kinds = told_kinds(r)
+            assert kinds == {r["kind"]}, (kinds, r["kind"])
+        assert {r["kind"] for r in rows} == set(KINDS)
+    assert max(len(told_kinds(r)) for r in conversations(200, "train", 0, values="closed")) == 3   # default: 1-3
+
+
+def told_kinds(row: dict) -> set[str]:
+    from delta_mem_vllm.train.data import CLOSED_POOLS
+
+    said = " ".join(m["content"] for m in row["messages"][:-2] if m["role"] == "user")
+    return {k for k, values in CLOSED_POOLS.items() for v in values if re.search(rf"\b{v}\b", said)}
 
 
 def test_locomo_rows(tmp_path):

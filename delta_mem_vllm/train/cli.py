@@ -59,7 +59,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                             "(the reference's read view is read-only)")
     train.add_argument("--no-frozen-prefix", action="store_true",
                        help="run the whole backbone every episode; by default, when every memory layer is above "
-                            "layer 0, the layers below the first are run once per conversation and cached")
+                            "layer 0, the layers below the first are run once per conversation and cached (hidden size × 4 "
+                            "bytes per token, in memory and in OUT/frozen-prefix.pt)")
     train.add_argument("--init-adapter", type=Path, default=None,
                        help="start from this adapter's weights (e.g. a curriculum's earlier stage) instead of the init")
     train.add_argument("--save-every", type=int, default=50)

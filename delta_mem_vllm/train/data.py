@@ -121,14 +121,11 @@ POOLS = {"name": NAMES, "city": CITIES, "food": tuple(dict.fromkeys(FOODS)), "jo
 # only has to carry which of eight it heard (chance 1/8), the task a small backbone can learn where
 # copying an unseen value is out of its reach; train and held-out share the values and differ in the
 # conversations (seeds), so a closed-set score is not a score on unseen values.
-CLOSED_POOLS = {"name": "Tom Anna Sam Lucy Max Emma Jack Sarah",
-                "city": "Paris London Tokyo Berlin Rome Madrid Boston Sydney",
-                "food": "pizza pasta sushi rice soup cake bread cheese",
-                "job": "nurse teacher pilot doctor farmer lawyer baker chef",
-                "pet": "Buddy Luna Charlie Bella Rocky Daisy Milo Coco",
-                "word": "apple river stone cloud tiger piano candle garden",
-                "number": "2 3 4 5 6 7 8 9", "colour": "red blue green yellow purple orange pink black"}
-CLOSED_POOLS = {k: tuple(v.split()) for k, v in CLOSED_POOLS.items()}
+_CLOSED = {"name": "Tom Anna Sam Lucy Max Emma Jack Sarah", "city": "Paris London Tokyo Berlin Rome Madrid Boston Sydney",
+           "food": "pizza pasta sushi rice soup cake bread cheese", "job": "nurse teacher pilot doctor farmer lawyer baker chef",
+           "pet": "Buddy Luna Charlie Bella Rocky Daisy Milo Coco", "word": "apple river stone cloud tiger piano candle garden",
+           "number": "2 3 4 5 6 7 8 9", "colour": "red blue green yellow purple orange pink black"}
+CLOSED_POOLS = {k: tuple(v.split()) for k, v in _CLOSED.items()}
 UPDATE = {"city": "Actually, I just moved to {v}.", "job": "I changed jobs: now I work as a {v}.",
           "number": "Forget the old number, my lucky number is now {v}."}
 
