@@ -57,6 +57,7 @@ def test_the_demo_recalls_a_fact_told_three_turns_earlier(smollm2, tmp_path, pro
             say(text, f"demo-{i}")
         recalled.append(value.lower() in say(ask, f"demo-{i}").lower())
         without.append(value.lower() in say(ask, None).lower())
-    # the recall benchmark measures 45% with memory and 7% without on 120 such conversations (greedy, so
-    # this is a fixed outcome: 4 of 8 and 0 of 8 on vLLM when written); a broken memory path gives ~0
-    assert sum(recalled) >= 4 and sum(recalled) - sum(without) >= 3, (recalled, without)
+    # the recall benchmark measures 45% with memory and 7% without on 120 such conversations; here, when
+    # written, 4 of 8 and 1 of 8 (Luna, guessed) on vLLM. One answer of slack for other CPUs' numerics:
+    # a memory that carries nothing scores as without it
+    assert sum(recalled) >= 3 and sum(recalled) - sum(without) >= 2, (recalled, without)
