@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+from self_replies import backbone_replies  # the same directory: python bench/make_keep_data.py
 
 QUESTIONS = [
     "What is the capital of France?", "What is the capital of Italy?", "What is the largest planet?",
@@ -49,17 +47,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="length of the backbone's replies")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    replies = {}
-    for q in tqdm(QUESTIONS, desc="backbone replies", unit="question", file=sys.stderr):
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=args.max_tokens, do_sample=False)
-        replies[q] = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    replies = backbone_replies(args.model, QUESTIONS, args.max_tokens)
     histories = [json.loads(line)["messages"][:-2] for line in args.history.read_text().splitlines()]
     rng = random.Random(args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,22 @@ import torch
 from tqdm import tqdm
 
 
+def backbone_replies(model_dir: Path, messages: list[str], max_tokens: int) -> dict[str, str]:
+    """The bare backbone's greedy reply to each user message sent alone (as a memory-mode client sends it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    replies = {}
+    for text in tqdm(messages, desc="backbone replies", unit="message", file=sys.stderr):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+        replies[text] = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return replies
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -28,19 +44,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-tokens", type=int, default=24, help="reply length cap, as the served client sets it")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     users = sorted({m["content"] for r in rows for m in r["messages"][:-2] if m["role"] == "user"})
-    replies = {}
-    for text in tqdm(users, desc="backbone replies", unit="message", file=sys.stderr):
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=args.max_tokens, do_sample=False)
-        replies[text] = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    replies = backbone_replies(args.model, users, args.max_tokens)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for r in rows:

@@ -2,8 +2,8 @@
 
 A memory that lives only in the top layers of a frozen backbone leaves every layer below it unchanged,
 so what enters its first layer is the same in every epoch. Computing it once and training only the
-top (`DeltaMemModel.forward_from`) makes an episode cost the top layers' share of the work: for a
-layer-29 memory on SmolLM2 (30 layers) about a fifteenth. The cache is kept on the training device
+top (`DeltaMemModel.forward_from`) makes an episode cost only the top layers and the head: for a
+layer-29 memory on SmolLM2 (30 layers) that is one decoder layer of thirty. The cache is kept on the training device
 and saved in the run directory, keyed by the tokens, the model and the layer, so a resumed run
 does not pay for it again.
 """
@@ -50,8 +50,8 @@ def build_prefix(dm: DeltaMemModel, episodes: Sequence[Episode], layer: int, pat
     views: list[Views] = []
     bar = tqdm(episodes, desc=f"{desc} (layers 0-{layer - 1})", unit="conv", disable=not progress_bar,
                mininterval=2)
+    empty = torch.zeros(0, dm.model.config.hidden_size, device=dm.device)
     for ep in bar:
-        empty = torch.zeros(0, dm.model.config.hidden_size, device=dm.device)
         w = dm.hidden_states_before(torch.tensor([ep.write_ids], device=dm.device), layer)[0] if ep.write_ids else empty
         r = dm.hidden_states_before(torch.tensor([ep.read_ids], device=dm.device), layer)[0]
         views.append((w, r))
