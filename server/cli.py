@@ -127,14 +127,10 @@ def startup_problem(settings: Settings) -> str | None:
         if _local_path(value) and not Path(value).expanduser().is_dir():
             return f"{flag} {value}: no such directory"
     if settings.tool_call_parser != "hermes":
-        import importlib.util
+        from server.engine.vllm_tools import unknown_parser
 
-        if importlib.util.find_spec("vllm") is None:
-            return f"--tool-call-parser {settings.tool_call_parser}: only hermes is built in; the others are vLLM's"
-        from vllm.tool_parsers import ToolParserManager
-
-        if settings.tool_call_parser not in ToolParserManager.list_registered():
-            return f"--tool-call-parser {settings.tool_call_parser}: vLLM has no parser of that name"
+        if problem := unknown_parser(settings.tool_call_parser):
+            return f"--tool-call-parser {settings.tool_call_parser}: {problem}"
     if settings.state_backend == "redis" and not settings.redis_url:
         return "--state-backend redis needs --redis-url (or DELTAMEM_REDIS_URL)"
     if settings.state_backend == "filesystem" and settings.state_dir.exists() and not settings.state_dir.is_dir():
@@ -144,7 +140,7 @@ def startup_problem(settings: Settings) -> str | None:
 
 def serve(settings: Settings) -> int:
     from server.app import create_app
-    from server.engine import EngineUnavailable, choose_engine
+    from server.engine import EngineError, choose_engine, settle_engine_defaults
 
     if settings.demo and not settings.model:
         from delta_mem_vllm.pretrained import FetchError
@@ -163,8 +159,8 @@ def serve(settings: Settings) -> int:
         print(f"delta-mem-vllm: error: {problem}", file=sys.stderr)
         return 2
     try:
-        settings = settings.model_copy(update={"engine": choose_engine(settings)})
-    except EngineUnavailable as exc:
+        settings = settle_engine_defaults(settings.model_copy(update={"engine": choose_engine(settings)}))
+    except EngineError as exc:   # unavailable, or even one request cannot fit in memory
         print(f"delta-mem-vllm: error: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings)

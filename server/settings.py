@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     engine: Literal["torch", "vllm", "auto"] = Field("auto", description="inference engine (auto: vLLM when installed and "
                                                    "it can serve the model and adapter, else the embedded engine)")
     device: str = Field("auto", description="torch engine device: auto, cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: fp32 on CPU, bf16 on GPU)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="model dtype (auto: bf16 on a GPU "
+                                                   "and on a CPU with native bf16 (AMX, AVX512-BF16, Arm BF16), else fp32; "
+                                                   "the Δ-Mem state is fp32 always)")
     attn_implementation: str = Field("sdpa", description="transformers attention implementation")
     max_model_len: int | None = Field(None, ge=1, description="context limit (default: the model's max_position_embeddings)")
     default_max_tokens: int | None = Field(None, ge=1, description="completion limit when a request gives none (default: rest of the context)")
@@ -44,7 +46,10 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs to shard the model over")
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM: requests batched together at most")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="vLLM: tokens per engine step (chunked prefill)")
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM: fraction of GPU memory to use")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM: fraction of GPU memory to use "
+                                                 "(default: vLLM's 0.9 on a GPU; on a CPU the KV cache is sized "
+                                                 "from --max-model-len x --max-num-seqs, capped at a quarter of the "
+                                                 "memory available at start)")
     kv_cache_memory_bytes: int | None = Field(None, ge=1, description="vLLM: KV cache size in bytes (overrides the above)")
     enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs (faster start)")
     enable_prefix_caching: bool = Field(False, description="vLLM prefix caching; refused: cached KV would be shared "

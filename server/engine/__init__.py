@@ -11,7 +11,7 @@ from server.engine.base import Engine, EngineError, GenerationOutput, Generation
 log = logging.getLogger("deltamem.engine")
 
 __all__ = ["Engine", "EngineError", "EngineUnavailable", "GenerationOutput", "GenerationRequest", "MemorySpec",
-           "SamplingParams", "build_engine", "choose_engine", "vllm_unsupported_reason"]
+           "SamplingParams", "build_engine", "choose_engine", "settle_engine_defaults", "vllm_unsupported_reason"]
 
 
 class EngineUnavailable(EngineError):
@@ -61,6 +61,16 @@ def choose_engine(settings: Any) -> str:
         log.info("engine auto: using the embedded engine because %s", reason)
         return "torch"
     return "vllm"
+
+
+def settle_engine_defaults(settings: Any) -> Any:
+    """The settings with what the chosen engine leaves to the machine decided (and logged) before it
+    starts, so that a start that cannot succeed fails in one line; EngineError says why."""
+    if settings.engine == "vllm":
+        from server.engine.vllm_engine import settle_cpu_defaults
+
+        return settle_cpu_defaults(settings)
+    return settings
 
 
 def build_engine(settings: Any) -> Any:

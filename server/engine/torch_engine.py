@@ -22,6 +22,7 @@ import torch
 from server.engine.base import EngineError, GenerationOutput, GenerationRequest, RequestRejected, TokenLogprob
 from server.engine.detok import IncrementalDetokenizer
 from server.engine.grammar import Constraint, GrammarCompiler, GrammarError
+from server.engine.hardware import resolve_dtype
 from server.engine.model_info import config_fingerprint, default_model_name, eos_token_ids, load_tokenizer
 from server.engine.sampling import make_generator, prompt_mask, sample_next, token_logprob
 
@@ -94,10 +95,7 @@ class TorchEngine:
         device = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype_name = settings.dtype
-        if dtype_name == "auto":
-            dtype_name = "float32" if device == "cpu" else "bfloat16"
-        dtype = getattr(torch, dtype_name)
+        dtype = getattr(torch, resolve_dtype(settings.dtype, device))
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         dm = DeltaMemModel.from_pretrained(settings.model, settings.adapter, dtype=dtype, device=device,

@@ -8,6 +8,20 @@ from typing import Any, Sequence
 from server.tool_stream import START, CallLog, StreamStep, ToolCall, new_call_id
 
 
+def unknown_parser(name: str) -> str | None:
+    """Why `--tool-call-parser NAME` cannot work, or None: checked at startup so that a typo fails
+    before the model loads. Imports vLLM only here, as the CLI must not."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "only hermes is built in; the others are vLLM's"
+    from vllm.tool_parsers import ToolParserManager
+
+    if name not in ToolParserManager.list_registered():
+        return "vLLM has no parser of that name"
+    return None
+
+
 def _request() -> Any:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 

