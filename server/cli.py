@@ -13,7 +13,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import uvicorn
 from pydantic import ValidationError
@@ -27,14 +27,20 @@ class GracefulServer(uvicorn.Server):
     Turns still running near the end of the grace period are stopped with a 503 (an error event on a
     stream) rather than cut off when uvicorn cancels them."""
 
-    def __init__(self, config: uvicorn.Config, draining: asyncio.Event | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, draining: asyncio.Event | None = None,
+                 on_ready: Callable[[str], None] | None = None) -> None:
         super().__init__(config)
         self._draining = draining
+        self._on_ready = on_ready
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self.started and self._on_ready is not None and self.servers:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+            self._on_ready(f"http://{host}:{port}")
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
@@ -142,6 +148,7 @@ def serve(settings: Settings) -> int:
     from server.app import create_app
     from server.engine import EngineError, choose_engine, settle_engine_defaults
 
+    shipped_demo = settings.demo and not settings.model and not settings.demo_tiny
     if settings.demo and not settings.model:
         from delta_mem_vllm.pretrained import FetchError
         from server.demo import build_demo_model, real_demo
@@ -166,7 +173,13 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace, lifespan="on")
-    server = GracefulServer(config, draining=app.state.ctx.draining)
+    on_ready = None
+    if shipped_demo:
+        from server.demo import try_this
+
+        def on_ready(url: str) -> None:
+            print(try_this(url), flush=True)
+    server = GracefulServer(config, draining=app.state.ctx.draining, on_ready=on_ready)
     server.run()
     return 0 if server.started else 1
 

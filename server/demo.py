@@ -34,3 +34,35 @@ def build_demo_model(directory: str | Path, *, arch: str = "qwen3", seed: int = 
         save_random_adapter(model_dir, adapter_dir, seed=seed)
         done.write_text(f"arch={arch} seed={seed}\n")
     return model_dir, adapter_dir
+
+
+# What `serve --demo` tells a newcomer to try once it is ready. The README shows the same snippet and
+# what it prints, and tests/server/test_demo.py runs both against the demo: every word of it is true.
+DEMO_SNIPPET = """\
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+for text in ["I work as a pilot.", "What do I do for a living?"]:
+    reply = client.chat.completions.create(
+        model="delta-mem-demo", messages=[{"role": "user", "content": text}], max_tokens=32,
+        temperature=0, extra_body={"session_id": "pilot-1"})   # or extra_headers={"X-Session-ID": ...}
+    print(reply.choices[0].message.content)
+"""
+
+
+def try_this(url: str) -> str:
+    """The "try this" a ready `serve --demo` prints: two curl turns of one session, and the snippet."""
+    chat = f"{url}/v1/chat/completions"
+
+    def turn(text: str) -> str:
+        body = ('{"model": "delta-mem-demo", "max_tokens": 32, "temperature": 0, '
+                f'"messages": [{{"role": "user", "content": "{text}"}}]}}')
+        return f"curl -s {chat} -H 'Content-Type: application/json' -H 'X-Session-ID: try-1' -d '{body}'"
+
+    snippet = DEMO_SNIPPET.replace("http://127.0.0.1:8000", url)
+    return (f"\nThe demo is ready at {url} (OpenAI API; SmolLM2-135M-Instruct with a Δ-Mem adapter that "
+            f"recalls one fact of a few kinds: a name, city, job, pet, food, colour, number or secret word, each "
+            f"from eight values; see the README). Try a session, sending only the new turn each time:\n\n"
+            f"  {turn('The secret word is piano.')}\n  {turn('What is the secret word?')}\n"
+            f"  curl -s {url}/v1/sessions/try-1     # the session: turns, tokens written, state norms\n\n"
+            f"or in Python (pip install openai):\n\n" + "".join(f"  {line}\n" for line in snippet.splitlines()))
