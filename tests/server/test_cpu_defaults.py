@@ -89,6 +89,22 @@ def test_the_cpu_start_is_sized_from_the_memory_vllm_reads(tiny_paths, monkeypat
         settle_cpu_defaults(settings)
 
 
+@requires_vllm
+def test_a_gpu_keeps_vllms_own_defaults(tiny_paths, monkeypatch):
+    import torch
+
+    from server.engine.vllm_engine import settle_cpu_defaults, vllm_engine_settings
+    from server.settings import Settings
+
+    model, adapter = tiny_paths
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    settings = Settings(model=str(model), adapter=str(adapter), engine="vllm")
+    assert settle_cpu_defaults(settings) == settings
+    engine = vllm_engine_settings(settings)
+    assert engine["dtype"] == "auto" and "kv_cache_memory_bytes" not in engine
+    assert "gpu_memory_utilization" not in engine and "max_num_seqs" not in engine
+
+
 def test_dtype_auto_is_bf16_exactly_where_the_cpu_has_it(monkeypatch):
     import server.engine.hardware as hw
 
