@@ -20,6 +20,7 @@ from server.errors import APIError, bad_request
 from server.prompt import ChatMessage, TurnTokens
 from server.schemas import _GenerationBody
 from server.sessions import SessionTurn
+from server.steps import Steps
 from server.tool_stream import CallReader, StreamStep
 from server.tools import ToolCall, ToolUse
 
@@ -208,28 +209,23 @@ async def _until_draining(outputs: AsyncIterator[GenerationOutput],
                           draining: asyncio.Event) -> AsyncIterator[GenerationOutput]:
     """The engine's outputs, until the server drains for shutdown: then a 503 instead of a cut stream."""
     stop = asyncio.ensure_future(draining.wait())
-    step: asyncio.Future | None = None
+    steps = Steps(outputs)
     try:
         while True:
-            step = asyncio.ensure_future(anext(outputs))
-            await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
+            await asyncio.wait({steps.pending(), stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not steps.pending().done():
                 raise APIError(503, "the server is shutting down: this turn was stopped before it finished and "
                                     "nothing was committed; send it again", code="shutting_down")
             try:
-                item = step.result()
+                item = steps.take()
             except StopAsyncIteration:
                 return
-            step = None
             yield item
     finally:
         stop.cancel()
-        if step is not None and not step.done():
-            # the engine's generator is suspended inside this task (drain, or our own cancellation on a
-            # disconnect): cancel it there, so that its cleanup aborts the request in the engine
-            step.cancel()
-            with contextlib.suppress(BaseException):
-                await step
+        # the engine's generator may be suspended inside its step (drain, or our own cancellation on a
+        # disconnect): cancelled there, its cleanup aborts the request in the engine
+        await steps.cancel()
 
 
 async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:

@@ -19,6 +19,7 @@ from server.generation import Turn, decide_max_tokens, resolve_session_id, run_t
 from server.prompt import ChatMessage, TurnTokens, build_chat_turn
 from server.schemas import DeltaMemOptions, _GenerationBody
 from server.sessions import SessionTurn, check_session_id
+from server.steps import Steps
 from server.tools import ToolUse
 
 T = TypeVar("T")
@@ -188,23 +189,18 @@ async def keepalive(events: AsyncIterator[str], every: float = KEEPALIVE_SECONDS
     """The events, plus an SSE comment whenever nothing was sent for `every` seconds (a long prefill
     or a queue), so that proxies keep the connection open. Clients skip comments: no one can read one
     as a first token."""
-    step: asyncio.Future | None = None
+    steps = Steps(events)
     try:
         while True:
-            step = asyncio.ensure_future(anext(events))
-            while not (await asyncio.wait({step}, timeout=every))[0]:
+            while not (await asyncio.wait({steps.pending()}, timeout=every))[0]:
                 yield ": keep-alive\n\n"
             try:
-                item = step.result()
+                item = steps.take()
             except StopAsyncIteration:
                 return
-            step = None
             yield item
     finally:
-        if step is not None and not step.done():   # closed while waiting: the turn is cancelled there
-            step.cancel()
-            with contextlib.suppress(BaseException):
-                await step
+        await steps.cancel()   # closed while waiting: the turn is cancelled there
         await events.aclose()   # type: ignore[attr-defined]
 
 
