@@ -173,15 +173,16 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace, lifespan="on")
-    on_ready = None
-    if shipped_demo:
-        from server.demo import try_this
-
-        def on_ready(url: str) -> None:
-            print(try_this(url), flush=True)
-    server = GracefulServer(config, draining=app.state.ctx.draining, on_ready=on_ready)
+    server = GracefulServer(config, draining=app.state.ctx.draining,
+                            on_ready=_print_try_this if shipped_demo else None)
     server.run()
     return 0 if server.started else 1
+
+
+def _print_try_this(url: str) -> None:
+    from server.demo import try_this
+
+    print(try_this(url), flush=True)
 
 
 def print_vllm_flags(model: str, adapter: str) -> int:

@@ -59,7 +59,7 @@ def settle_engine_defaults(settings: Any) -> Any:
     """The settings with what the chosen engine leaves to the machine decided (and logged) before it
     starts, so that a start that cannot succeed fails in one line; EngineError says why."""
     if settings.engine == "vllm":
-        from server.engine.vllm_engine import settle_cpu_defaults
+        from server.engine.vllm_cpu_defaults import settle_cpu_defaults
 
         return settle_cpu_defaults(settings)
     return settings

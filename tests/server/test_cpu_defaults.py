@@ -65,7 +65,7 @@ def test_a_start_that_cannot_fit_says_what_it_needs_what_is_free_and_which_flag(
 @requires_vllm
 def test_the_cpu_start_is_sized_from_the_memory_vllm_reads(tiny_paths, monkeypatch, caplog):
     import delta_mem_vllm.vllm.compat as compat
-    from server.engine.vllm_engine import settle_cpu_defaults
+    from server.engine.vllm_cpu_defaults import settle_cpu_defaults
     from server.settings import Settings
 
     model, adapter = tiny_paths
@@ -93,7 +93,8 @@ def test_the_cpu_start_is_sized_from_the_memory_vllm_reads(tiny_paths, monkeypat
 def test_a_gpu_keeps_vllms_own_defaults(tiny_paths, monkeypatch):
     import torch
 
-    from server.engine.vllm_engine import settle_cpu_defaults, vllm_engine_settings
+    from server.engine.vllm_cpu_defaults import settle_cpu_defaults
+    from server.engine.vllm_engine import vllm_engine_settings
     from server.settings import Settings
 
     model, adapter = tiny_paths
