@@ -65,4 +65,5 @@ def try_this(url: str) -> str:
             f"from eight values; see the README). Try a session, sending only the new turn each time:\n\n"
             f"  {turn('The secret word is piano.')}\n  {turn('What is the secret word?')}\n"
             f"  curl -s {url}/v1/sessions/try-1     # the session: turns, tokens written, state norms\n\n"
-            f"or in Python (pip install openai):\n\n" + "".join(f"  {line}".rstrip() + "\n" for line in snippet.splitlines()))
+            f"or in Python (pip install openai):\n\n"
+            + "".join(f"  {line}".rstrip() + "\n" for line in snippet.splitlines()))

@@ -1,7 +1,7 @@
 """What `--dtype auto` means on this machine, the same for both engines.
 
-On a CPU, bf16 pays only where the CPU computes it natively (AMX or AVX512-BF16 on x86, the BF16
-extension on Arm: vLLM's CPU backend loads its bf16 kernels on exactly these); elsewhere it is
+On a CPU, bf16 pays only where the CPU computes it natively: AMX or AVX512-BF16 on x86 (the flags
+vLLM's CPU backend checks to load its bf16 kernels), the BF16 extension on Arm. Elsewhere it is
 emulated and slower than fp32. The Δ-Mem state is fp32 whatever the model's dtype.
 """
 
