@@ -96,6 +96,8 @@ class TorchEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, resolve_dtype(settings.dtype, device))
+        if settings.dtype == "auto":
+            log.info("dtype auto: %s on %s", str(dtype).removeprefix("torch."), device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         dm = DeltaMemModel.from_pretrained(settings.model, settings.adapter, dtype=dtype, device=device,
