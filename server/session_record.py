@@ -68,6 +68,14 @@ class SessionRecord:
         if self.written_token_ids is not None:
             self.written_token_ids = []
 
+    def remember(self, messages: list[str], system: list[str], message_log_max: int) -> None:
+        """Append written log entries, keeping the newest `message_log_max` messages and WRITTEN_SYSTEM_MAX
+        system entries (a system prompt that changes every turn, e.g. with a timestamp, would otherwise
+        grow the record by one entry a turn). A forgotten system entry resent later is written again."""
+        self.message_log = (self.message_log + messages)[-message_log_max:]
+        self.written_system = (self.written_system + [e for e in system if e not in self.written_system]
+                               )[-WRITTEN_SYSTEM_MAX:]
+
     def record_written(self, token_ids: list[int], keep_tokens: bool) -> None:
         self.written_digest = extend_digest(self.written_digest, token_ids)
         self.tokens_written += len(token_ids)
@@ -76,6 +84,7 @@ class SessionRecord:
 
 
 MAX_PENDING = 64   # a turn leaves one pending token; more only from a crafted document
+WRITTEN_SYSTEM_MAX = 64   # system messages (and tool lists) remembered as written
 _LOG_ENTRY = re.compile(r"^[a-z]+:[0-9a-f]{32}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 

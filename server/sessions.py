@@ -175,9 +175,8 @@ class SessionTurn:
         if output.finish_reason not in ("stop", "length") or output.final_state is None:
             raise ValueError(f"refusing to commit a turn that finished with {output.finish_reason!r}")
         rec = SessionRecord.from_dict(self.record.to_dict())
-        rec.message_log = rec.message_log + self._new_entries + ([reply.log_entry()] if reply else [])
-        rec.message_log = rec.message_log[-self._mgr.message_log_max:]
-        rec.written_system = rec.written_system + [e for e in self._new_system if e not in rec.written_system]
+        rec.remember(self._new_entries + ([reply.log_entry()] if reply else []), self._new_system,
+                     self._mgr.message_log_max)
         rec.pending_token_ids = list(output.pending_token_ids or [])
         rec.record_written(list(output.written_token_ids or []), self._mgr.keep_written_tokens)
         rec.version += 1
@@ -465,26 +464,32 @@ class SessionManager:
                               f"produces (|x| <= {MAX_STATE_ABS:g})", code="invalid_state")
         src = None
         if snap.record.get("session_id"):   # a whole record: its memory bookkeeping comes along
-            problem = memory_record_problem(snap.record, ident.vocab_size)
-            if problem:
-                raise bad_request(f"invalid state document: record: {problem}", code="invalid_state")
-            try:
-                src = SessionRecord.from_dict(snap.record)
-            except TypeError as exc:
-                raise bad_request(f"invalid state document: record: {exc}", code="invalid_state") from exc
+            # off the event loop: the written-token hash chain of a large record takes seconds
+            src = await asyncio.to_thread(self._imported_record, snap.record)
 
         def change(rec: SessionRecord, _: torch.Tensor) -> tuple[SessionRecord, torch.Tensor]:
             rec.clear_memory()
             if src is not None:  # carry the memory's bookkeeping so the next turn continues it exactly
                 rec.turns = src.turns
                 rec.tokens_written, rec.written_digest = src.tokens_written, src.written_digest
-                rec.message_log, rec.written_system = list(src.message_log), list(src.written_system)
+                rec.message_log, rec.written_system = [], []
+                rec.remember(list(src.message_log), list(src.written_system), self.message_log_max)
                 rec.pending_token_ids = [int(t) for t in src.pending_token_ids]
                 if rec.written_token_ids is not None and src.written_token_ids is not None:
                     rec.written_token_ids = list(src.written_token_ids)
             return rec, snap.state.to(torch.float32)
 
         return await self._mutate(owner, session_id, change, create=True)
+
+    def _imported_record(self, data: dict[str, Any]) -> SessionRecord:
+        """An imported document's record, checked whole (400 naming the problem)."""
+        problem = memory_record_problem(data, self.identity.vocab_size)
+        if problem:
+            raise bad_request(f"invalid state document: record: {problem}", code="invalid_state")
+        try:
+            return SessionRecord.from_dict(data)
+        except TypeError as exc:
+            raise bad_request(f"invalid state document: record: {exc}", code="invalid_state") from exc
 
     async def sweep_expired(self) -> int:
         """Delete expired sessions that are not in use; returns how many."""

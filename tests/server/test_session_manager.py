@@ -254,3 +254,45 @@ def test_ttl_expiry_on_access_and_sweep():
         assert await m.sweep_expired() == 1   # b
         assert (await m.list(""))[0] == []
     run(go())
+
+
+def test_records_stay_bounded_and_imports_are_checked_off_the_event_loop(monkeypatch):
+    """A system prompt that changes every turn (a timestamp in it) and an imported record with huge logs
+    keep the record bounded; the import's record check (a hash chain over every written token) runs in a
+    worker thread, never on the event loop that serves every other request."""
+    import threading
+
+    import server.sessions as sessions
+    from server.session_record import WRITTEN_SYSTEM_MAX
+
+    async def go():
+        m = make(message_log_max=8)
+        for i in range(WRITTEN_SYSTEM_MAX + 10):
+            turn = await m.begin_turn("", "s")
+            turn.plan_chat(FakeTokenizer(), [ChatMessage("system", f"time {i}"), ChatMessage("user", f"u{i}")])
+            await turn.commit(output(torch.zeros(SHAPE), [1], [2]), ChatMessage("assistant", "ok"))
+            turn.release()
+        rec = (await m.get("", "s"))[0]
+        assert len(rec.message_log) == 8 and len(rec.written_system) == WRITTEN_SYSTEM_MAX
+        last = ChatMessage("system", f"time {WRITTEN_SYSTEM_MAX + 9}").log_entry()
+        assert rec.written_system[-1] == last and ChatMessage("system", "time 0").log_entry() not in rec.written_system
+
+        doc = await m.export("", "s")
+        snap = sessions.import_document(doc)
+        big = {**snap.record, "message_log": [ChatMessage("user", str(i)).log_entry() for i in range(5000)],
+               "written_system": [ChatMessage("system", str(i)).log_entry() for i in range(500)]}
+        checked_in: list[int] = []
+        real = sessions.memory_record_problem
+
+        def spy(*args, **kwargs):
+            checked_in.append(threading.get_ident())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(sessions, "memory_record_problem", spy)
+        await m.import_("", "big", export_document(Snapshot(snap.state, big, snap.adapter_fingerprint,
+                                                            snap.layer_names)))
+        assert checked_in and checked_in[0] != threading.get_ident()   # not the loop's thread
+        rec = (await m.get("", "big"))[0]
+        assert rec.message_log == big["message_log"][-8:]
+        assert rec.written_system == big["written_system"][-WRITTEN_SYSTEM_MAX:]
+    run(go())
