@@ -12,9 +12,8 @@ turns are sent one at a time into a session (the model answers each), then the q
 
 Reported per arm: accuracy (the fact's value in the answer, case-insensitive) with a 95% Wilson
 interval, prompt tokens of the question turn, time to first token; and the bare backbone with the
-whole conversation in its prompt, for scale. General ability: perplexity of
-the backbone with the adapter (zero state, writes on) vs the bare backbone on plain text, and a few
-single-turn prompts answered by both, greedily. `--write` stores the tables in bench/RESULTS-recall.md.
+whole conversation in its prompt, for scale. General ability (what the adapter changes elsewhere) is
+bench/bench_general.py. `--write` stores the tables in bench/RESULTS-recall.md.
 """
 
 from __future__ import annotations
@@ -38,9 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 ARMS = ("memory", "no memory", "full history")
-PLAIN_TEXT = Path("/usr/share/common-licenses/GPL-3")
-SINGLE_TURN = ["What is the capital of Japan?", "Give me three colours of the rainbow.",
-               "What is 12 plus 7?", "Name a mammal that lives in the sea.", "Translate 'thank you' to French."]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -57,7 +53,7 @@ def recalled(answer: str, value: str) -> bool:
 
 
 class Server:
-    def __init__(self, model: Path, adapter: Path, engine: str, log: Path) -> None:
+    def __init__(self, model: Path, adapter: Path, engine: str, log: Path, extra: list[str] = ()) -> None:
         import socket
 
         with socket.socket() as s:
@@ -65,7 +61,7 @@ class Server:
             self.port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--adapter", str(adapter),
                "--engine", engine, "--port", str(self.port), "--state-backend", "memory", "--served-model-name", "m",
-               "--log-level", "warning", "--max-model-len", "4096"]
+               "--log-level", "warning", "--max-model-len", "4096", *extra]
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -125,31 +121,6 @@ def run_conversation(client: Any, i: int, row: dict, reply_tokens: int, answer_t
     return out
 
 
-def perplexity(model_dir: Path, adapter_dir: Path, text: str, window: int = 512) -> tuple[float, float]:
-    """(bare backbone, backbone + adapter from a zero state with writes on) over `text` in windows."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from delta_mem_vllm.hf.model import DeltaMemModel
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    dm = DeltaMemModel.from_pretrained(model_dir, adapter_dir)
-    ids = tok(text, return_tensors="pt").input_ids[0]
-    nll = {"bare": 0.0, "adapter": 0.0}
-    count = 0
-    with torch.inference_mode():
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start:start + window + 1].unsqueeze(0)
-            if chunk.shape[1] < 2:
-                break
-            bare = dm.model(input_ids=chunk[:, :-1]).logits          # the hooks are inert outside dm calls
-            ours = dm(chunk[:, :-1]).logits
-            for name, logits in (("bare", bare), ("adapter", ours)):
-                nll[name] += torch.nn.functional.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum").item()
-            count += chunk.shape[1] - 1
-    return math.exp(nll["bare"] / count), math.exp(nll["adapter"] / count)
-
-
 def bare_answers(model_dir: Path, chats: list[list[dict]], max_tokens: int) -> list[str]:
     """The bare backbone's greedy replies (transformers, no adapter) to each chat."""
     import torch
@@ -175,6 +146,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--reply-tokens", type=int, default=24)
     ap.add_argument("--answer-tokens", type=int, default=24)
+    ap.add_argument("--dtype", default="float32", help="the server's --dtype")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
@@ -184,7 +156,7 @@ def main() -> int:
 
     rows = (read_jsonl(args.data) if args.data else list(conversations(args.n, "heldout", 0, min_gap=3)))[:args.n]
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(args.model, args.adapter, args.engine, Path(tmp) / "server.log")
+        server = Server(args.model, args.adapter, args.engine, Path(tmp) / "server.log", ["--dtype", args.dtype])
         try:
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
             t0 = time.perf_counter()
@@ -201,8 +173,6 @@ def main() -> int:
 
             with ThreadPoolExecutor(args.concurrency) as pool:
                 results = list(pool.map(one, enumerate(rows)))
-            single = [ask(client, [{"role": "user", "content": p}], None, args.answer_tokens)["text"]
-                      for p in SINGLE_TURN]
             wall = time.perf_counter() - t0
         finally:
             server.stop()
@@ -226,21 +196,11 @@ def main() -> int:
     for kind, rs in sorted(by_kind.items()):
         lines.append(f"| {kind} | {len(rs)} | " + " | ".join(f"{sum(r[a]['ok'] for r in rs)}" for a in ARMS) + " |")
     # the bare backbone with the whole conversation (the data's own replies) in its prompt, for scale
-    chats = [[{"role": "user", "content": p}] for p in SINGLE_TURN] + [r["messages"][:-1] for r in rows]
-    replies = bare_answers(args.model, chats, args.answer_tokens)
-    bare, full = replies[:len(SINGLE_TURN)], replies[len(SINGLE_TURN):]
+    full = bare_answers(args.model, [r["messages"][:-1] for r in rows], args.answer_tokens)
     ceiling = sum(recalled(text, r["answer"]) for text, r in zip(full, rows))
     lo, hi = wilson(ceiling, len(rows))
     lines += ["", f"Bare backbone (no adapter, transformers) with the whole conversation in the prompt: "
               f"{ceiling}/{len(rows)} = {ceiling / len(rows):.0%} ({lo:.0%}–{hi:.0%})."]
-    bare_ppl, ours_ppl = perplexity(args.model, args.adapter, PLAIN_TEXT.read_text()[:20000])
-    same = sum(a.strip() == b.strip() for a, b in zip(single, bare))
-    lines += ["", f"General ability: perplexity on {PLAIN_TEXT} (first 20,000 characters, 512-token windows): "
-              f"bare backbone {bare_ppl:.2f}, with the adapter (zero state, writes on) {ours_ppl:.2f}. "
-              f"Single-turn prompts answered identically (greedy): {same}/{len(SINGLE_TURN)}.", "",
-              "| prompt | bare backbone | with the adapter |", "|---|---|---|"]
-    for p, a, b in zip(SINGLE_TURN, bare, single):
-        lines.append(f"| {p} | {a.strip()[:80]!r} | {b.strip()[:80]!r} |")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'cpu'}), {platform.system()}"
     report = "\n".join(lines)
     print(report)

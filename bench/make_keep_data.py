@@ -1,5 +1,8 @@
 """Keep-ability rows: an unrelated question after a recall conversation, answered as the bare backbone answers it.
 
+Superseded by `delta-mem-vllm make-keep-data` and `train --keep-data` (the whole next-token
+distribution matched to the backbone's, not its greedy reply as a target); kept to reproduce run 15.
+
     python bench/make_keep_data.py --model DIR --history data/closed1/train.jsonl --out data/keep/train.jsonl
 
 Mixed into `delta-mem-vllm train --data`, these teach the memory to stay out of answers that do not

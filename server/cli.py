@@ -1,4 +1,4 @@
-"""`delta-mem-vllm serve …`, `demo-model DIR`, `fetch-model [NAME]`, `make-data`, `train` and `vllm-flags`.
+"""`delta-mem-vllm serve …`, `demo-model DIR`, `fetch-model [NAME]`, `make-data`, `make-keep-data`, `train` and `vllm-flags`.
 
 Flags are generated from server.settings.Settings, so every setting is a flag (`--state-dir`) and an
 environment variable (`DELTAMEM_STATE_DIR`); flags win over the environment.
@@ -212,10 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "vllm-flags":
         return print_vllm_flags(args.model, args.adapter)
-    if args.command in ("make-data", "train"):
-        from delta_mem_vllm.train.cli import make_data, run_train
+    if args.command in ("make-data", "make-keep-data", "train"):
+        from delta_mem_vllm.train.cli import make_data, make_keep_data, run_train
 
-        return make_data(args) if args.command == "make-data" else run_train(args)
+        return {"make-data": make_data, "make-keep-data": make_keep_data, "train": run_train}[args.command](args)
     if args.command == "fetch-model":
         from delta_mem_vllm.pretrained import DEFAULT_CACHE, FetchError, fetch_model
 

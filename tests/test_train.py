@@ -17,12 +17,12 @@ from delta_mem_vllm.adapter import load_adapter
 from delta_mem_vllm.hf.model import DeltaMemModel, find_attention_modules
 from delta_mem_vllm.testing.tiny import build_tiny_model, build_tokenizer
 from delta_mem_vllm.train.data import KINDS, POOLS, conversation, load_locomo, pool
-from delta_mem_vllm.train.episodes import IGNORE, build_episode
+from delta_mem_vllm.train.episodes import IGNORE, build_episode, build_keep_episode
 from delta_mem_vllm.config import DeltaMemConfig
 from delta_mem_vllm.testing.adapters import randomize_
 from delta_mem_vllm.train.prefix import build_prefix
 from delta_mem_vllm.train.trainer import (EpisodeRunner, TrainConfig, _AttentionInputs, decorrelate_memory_projections,
-                                          episode_loss, evaluate, lr_at, train)
+                                          episode_loss, evaluate, evaluate_keep, kl_to_backbone, lr_at, train)
 
 
 def test_held_out_values_never_appear_in_training_conversations():
@@ -209,6 +209,19 @@ def test_training_on_the_frozen_prefix_gives_the_same_adapter_and_reuses_its_cac
         caplog.clear()
         build_prefix(dm, eps[:1], 1, tmp_path / "other.pt", progress_bar=False)
         assert "loaded from" not in caplog.text
+        # more data: only the new conversations are computed, and the cache then holds them all
+        more = eps + _episodes(tok, 6)[4:]
+        caplog.clear()
+        grown = build_prefix(dm, more, 1, tmp_path / "cached" / "frozen-prefix.pt", progress_bar=False)
+        assert "4 of 6 conversations loaded" in caplog.text and "2 conversations" in caplog.text
+        assert all(torch.equal(r, dm.hidden_states_before(torch.tensor([ep.read_ids]), 1)[0])
+                   for (_, r), ep in zip(grown, more))
+        caplog.clear()
+        build_prefix(dm, more[::-1], 1, tmp_path / "cached" / "frozen-prefix.pt", progress_bar=False)
+        assert "6 of 6 conversations loaded" in caplog.text
+        caplog.clear()
+        build_prefix(dm, more, 0, tmp_path / "cached" / "frozen-prefix.pt", progress_bar=False)
+        assert "loaded from" not in caplog.text          # another layer's residual stream is not taken
 
 
 def test_a_read_view_that_writes_is_a_served_turn():
@@ -228,6 +241,67 @@ def test_a_read_view_that_writes_is_a_served_turn():
     assert got["ce"] == pytest.approx(nll / n, abs=1e-3) and got["ce"] != read_only["ce"]
 
 
+KEEP_ROWS = [
+    {"messages": [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Why not."}]},
+    {"messages": [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hi Ada."},
+                  {"role": "user", "content": "Nice day."}, {"role": "assistant", "content": "Yes it is."}]},
+    {"text": "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."},
+]
+
+
+def test_a_keep_episode_scores_a_served_turn_or_every_position_of_a_text():
+    tok = build_tokenizer()
+    alone, after, text = (build_keep_episode(tok, row) for row in KEEP_ROWS)
+    assert alone.keep and after.keep and text.keep
+    assert alone.write_ids == [] and after.write_ids == build_episode(tok, KEEP_ROWS[1]["messages"]).write_ids
+    assert tok.decode([t for t in after.labels if t != IGNORE]).startswith("Yes it is.")
+    ids = tok(KEEP_ROWS[2]["text"], add_special_tokens=False)["input_ids"]
+    assert text.write_ids == [] and text.read_ids == ids and text.labels == [IGNORE] + ids[1:]
+    with pytest.raises(ValueError):
+        build_keep_episode(tok, {"text": ""})
+
+
+def test_kl_to_backbone():
+    a, b = torch.randn(5, 11), torch.randn(5, 11)
+    assert float(kl_to_backbone(a, a)) == 0.0
+    want = F.kl_div(F.log_softmax(a, -1), F.log_softmax(b, -1), log_target=True, reduction="batchmean")
+    assert float(kl_to_backbone(a, b)) == pytest.approx(float(want), rel=1e-5) and float(want) > 0
+
+
+def test_the_keep_loss_is_the_kl_to_the_bare_backbone_and_training_brings_the_memory_back_to_it(tmp_path):
+    model, tok = _tiny()
+    keep = [build_keep_episode(tok, row) for row in KEEP_ROWS]
+    dm = DeltaMemModel(model)
+    run, gates, cfg = EpisodeRunner(dm), _AttentionInputs(dm), TrainConfig(reg_weight=0)
+    # a fresh adapter (zero output maps) changes nothing: nothing to keep
+    assert all(episode_loss(run, i, ep, gates, cfg)[1] == 0.0 for i, ep in enumerate(keep))
+    randomize_(dm, seed=2)
+    bare = build_tiny_model("llama", seed=0).requires_grad_(False)
+    for i, ep in enumerate(keep):
+        n = len(ep.read_ids) - next(j for j, t in enumerate(ep.labels) if t != IGNORE) + 1
+        with torch.no_grad():
+            teacher = bare(torch.tensor([ep.read_ids])).logits[0, -n:-1]
+            state = dm(torch.tensor([ep.write_ids])).state if ep.write_ids else None
+            served = dm(torch.tensor([ep.read_ids]), state=state, write=True).logits[0, -n:-1]   # the turn writes
+        loss, kl = episode_loss(run, i, ep, gates, TrainConfig(reg_weight=0, keep_weight=0.5))
+        assert kl == pytest.approx(float(kl_to_backbone(served, teacher)), rel=1e-4) and kl > 1e-3
+        assert float(loss.detach()) == pytest.approx(0.5 * kl, rel=1e-5)
+    before = evaluate_keep(run, keep)
+    assert before == pytest.approx(sum(episode_loss(run, i, ep, gates, cfg)[1] for i, ep in enumerate(keep)) / 3,
+                                   rel=1e-3)
+    # mixed into recall training: the loss curve carries both terms, the held-out KL falls
+    recall = _episodes(tok, 4)
+    out = train(build_tiny_model("llama", seed=0), recall + keep, tmp_path / "run",
+                TrainConfig(steps=20, grad_accum=2, lr=3e-3, save_every=0, eval_every=10, seed=3, reg_weight=0,
+                            keep_weight=4),
+                dm.adapter(), progress_bar=False, eval_episodes=recall[:2] + keep)
+    card = json.loads((out / "training_card.json").read_text())
+    assert any(x[2] is not None for x in card["loss_curve"]) and any(x[3] is not None for x in card["loss_curve"])
+    assert [e["step"] for e in card["heldout_eval"]] == [10, 20]
+    assert card["heldout_eval"][-1]["keep_kl"] < 0.5 * before, (before, card["heldout_eval"])
+    assert 0 <= card["heldout_eval"][-1]["exact"] <= 1         # recall metrics over the recall episodes only
+
+
 def test_schedule():
     cfg = TrainConfig(steps=100, lr=1e-3, warmup=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
@@ -241,7 +315,7 @@ def test_training_lowers_the_answer_loss_and_resumes_exactly(tmp_path):
     adapter_dir = train(model, eps, tmp_path / "a", cfg, data_note="6 tiny recall episodes", progress_bar=False,
                         eval_episodes=eps[:3])
     card = json.loads((adapter_dir / "training_card.json").read_text())
-    curve = [ce for _, _, ce in card["loss_curve"]]
+    curve = [x[2] for x in card["loss_curve"]]
     assert len(curve) == 24 and sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4, curve
     # evaluated at steps 12 and 24; a zero state is the bare model, and the trained memory beats it
     assert [e["step"] for e in card["heldout_eval"]] == [12, 24]
@@ -307,6 +381,28 @@ def test_the_commands_make_data_and_train_an_adapter_the_server_loads(tmp_path):
                  "--init-adapter", str(adapter), "--rank", "4")
     assert stage2.returncode == 0, stage2.stderr
     assert load_adapter(tmp_path / "run2" / "adapter").config == load_adapter(adapter).config
+    # keep rows written by the backbone, then mixed into training with their held-out KL
+    (tmp_path / "bench-prompts.txt").write_text("What is 2+2?\n")
+    kept = cli("make-keep-data", "--model", str(model_dir), "--history", str(tmp_path / "data" / "train.jsonl"),
+               "--out", str(tmp_path / "keep"), "--questions", "3", "--histories", "2", "--passages", "2",
+               "--heldout", "1", "--max-tokens", "4", "--exclude", str(tmp_path / "bench-prompts.txt"), "--threads", "1")
+    assert kept.returncode == 0, kept.stderr
+    rows = [json.loads(line) for line in (tmp_path / "keep" / "train.jsonl").read_text().splitlines()]
+    assert sorted(r["kind"] for r in rows) == ["keep-after-history"] * 3 + ["keep-alone"] * 3 + [
+        "keep-own-turn"] * 2 + ["keep-text"] * 2
+    alone = [r["messages"] for r in rows if r["kind"] == "keep-alone"]
+    assert all(len(m) == 2 and m[0]["content"] != "What is 2+2?" for m in alone)
+    after = [r["messages"] for r in rows if r["kind"] == "keep-after-history"]
+    assert [m[-2:] for m in after] == alone and all(len(m) > 2 for m in after)   # the same turn after a history
+    keep_run = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",
+                   str(tmp_path / "run4"), "--steps", "2", "--grad-accum", "2", "--save-every", "0", "--threads", "1",
+                   "--keep-data", str(tmp_path / "keep" / "train.jsonl"), "--keep-weight", "2",
+                   "--eval-keep-data", str(tmp_path / "keep" / "heldout.jsonl"),
+                   "--eval-data", str(tmp_path / "data" / "heldout.jsonl"), "--eval-n", "2", "--layers", "1")
+    assert keep_run.returncode == 0, keep_run.stderr
+    assert "keep KL" in keep_run.stderr
+    card = json.loads((tmp_path / "run4" / "adapter" / "training_card.json").read_text())
+    assert card["episodes"] == 6 + 10 and card["train_config"]["keep_weight"] == 2 and "keep_kl" in card["heldout_eval"][-1]
     bad = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "x.jsonl"), "--out", "r", "--layers", "a-b")
     assert bad.returncode == 2 and "--layers" in bad.stderr and "12-15,20" in bad.stderr
     beyond = cli("train", "--model", str(model_dir), "--data", str(tmp_path / "data" / "train.jsonl"), "--out",

@@ -4,6 +4,11 @@ the question is answered from the state alone (read view: writes off, no KV cach
 The write view is rendered turn by turn, each user/assistant pair through the chat template on its
 own, which is what a memory-mode client makes the server write (it sends one new turn at a time), so
 the adapter learns from the token stream it will see when served.
+
+A keep episode (`keep=True`) is scored against the bare backbone instead of a target: after the same
+history, the memory should change nothing in a reply that does not ask for what it holds, so its read
+view (a turn, or plain text sent without a session) is written as served and its labelled positions
+are matched to the backbone's own next-token distribution (see `trainer.keep_loss`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ class Episode:
     write_ids: list[int]
     read_ids: list[int]
     labels: list[int]          # read_ids' targets (IGNORE where not scored), same length
+    keep: bool = False         # scored against the bare backbone's distribution, not the labels
 
     @property
     def tokens(self) -> int:
@@ -32,7 +38,7 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], generation_p
 
 
 def build_episode(tokenizer: Any, messages: Sequence[dict[str, str]], max_write: int = 8192,
-                  max_read: int = 512) -> Episode:
+                  max_read: int = 512, keep: bool = False) -> Episode:
     """The last message is the target (assistant), the one before it the question (user); everything
     earlier is history. Views are left-truncated to their budgets, as the reference truncates them."""
     if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
@@ -51,4 +57,15 @@ def build_episode(tokenizer: Any, messages: Sequence[dict[str, str]], max_write:
     if full[:len(prompt)] != prompt:
         raise ValueError("the chat template does not render the question as a prefix of question + answer")
     labels = [IGNORE] * len(prompt) + full[len(prompt):]
-    return Episode(write[-max_write:], full[-max_read:], labels[-max_read:])
+    return Episode(write[-max_write:], full[-max_read:], labels[-max_read:], keep=keep)
+
+
+def build_keep_episode(tokenizer: Any, row: dict[str, Any], max_write: int = 8192, max_read: int = 512) -> Episode:
+    """A keep row as an episode: `{"messages": [...]}` (history, then a turn whose reply the memory
+    must not change) or `{"text": "..."}` (plain text sent without a session: every position scored)."""
+    if "text" in row:
+        ids = list(tokenizer(row["text"], add_special_tokens=False)["input_ids"])[:max_read]
+        if len(ids) < 2:
+            raise ValueError("a keep text needs at least two tokens")
+        return Episode([], ids, [IGNORE] + ids[1:], keep=True)
+    return build_episode(tokenizer, row["messages"], max_write, max_read, keep=True)

@@ -7,6 +7,12 @@ the answer plus `reg_weight × mean_layers(β̄ − reg_target)²` over the read
 (The reference computes β̄ G times too large when a mask is present, its §1.10 quirk; here β̄ is the
 true mean.) AdamW, cosine schedule with warmup, gradient accumulation, gradient clipping at 1.0.
 
+Keep episodes (`Episode.keep`) add the keep objective, which the reference does not have: the read
+view is written as served, and `keep_weight × KL(backbone ‖ memory)` over its labelled positions
+pulls the memory's next-token distribution to the frozen backbone's own wherever the memory has
+nothing to add. The teacher is the same model from a zero state with writes off (a zero state reads
+nothing back, so that is exactly the bare backbone), one extra forward of the top layers per episode.
+
 Checkpoints hold the adapter, optimiser, schedule, data position, RNG and loss history, so a resumed
 run continues exactly where it stopped. The result is the adapter in both formats plus a card.
 Held-out episodes, when given, are scored during training against the bare backbone (a zero state).
@@ -60,13 +66,14 @@ class TrainConfig:
     read_writes: bool = False            # the read view writes too, as a served turn writes its question and
                                          # answer (the reference's read view is read-only)
     frozen_prefix: bool = True           # cache the layers below the first memory layer once (see prefix.py)
+    keep_weight: float = 1.0             # weight of KL(backbone ‖ memory) on keep episodes
 
 
 @dataclass
 class _Progress:
     step: int = 0
     cursor: int = 0                      # episodes consumed
-    losses: list[tuple[int, float, float]] = field(default_factory=list)    # (step, loss, ce)
+    losses: list[tuple] = field(default_factory=list)    # (step, loss, recall ce, keep kl); None: no such episode
     seconds: float = 0.0
     tokens: int = 0
     evals: list[dict[str, float]] = field(default_factory=list)      # held-out metrics by step
@@ -142,10 +149,17 @@ def _answer_targets(ep: Episode, device: torch.device) -> tuple[torch.Tensor, in
     return torch.tensor(ep.labels[first:], device=device), len(ep.read_ids) - first + 1
 
 
+def kl_to_backbone(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher ‖ model), both given as logits [N, V]."""
+    target = F.log_softmax(teacher.float(), -1)
+    return (target.exp() * (target - F.log_softmax(logits.float(), -1))).sum(-1).mean()
+
+
 def episode_loss(run: EpisodeRunner, i: int, ep: Episode, gates: _AttentionInputs,
                  cfg: TrainConfig) -> tuple[torch.Tensor, float]:
-    """Loss of episode `i`. Only the logits that are scored are computed: none for the write view,
-    the answer positions for the read view (the vocabulary projection is a large share of the work)."""
+    """Loss of episode `i`, and its answer cross-entropy (recall) or KL to the backbone (keep). Only
+    the logits that are scored are computed: none for the write view, the labelled positions for the
+    read view (the vocabulary projection is a large share of the work)."""
     device = run.dm.device
     targets, keep = _answer_targets(ep, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.autocast_bf16 else torch.autocast(
@@ -154,12 +168,19 @@ def episode_loss(run: EpisodeRunner, i: int, ep: Episode, gates: _AttentionInput
         state = run.write(i, ep)
         gates.on = True
         try:
-            logits = run.read(i, ep, state, keep, write=cfg.read_writes)
+            logits = run.read(i, ep, state, keep, write=cfg.read_writes or ep.keep)
         finally:
             gates.on = False
-    ce = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE)
-    loss = ce + cfg.reg_weight * gates.penalty(cfg.reg_target) if cfg.reg_weight else ce
-    return loss, float(ce.detach())
+        if ep.keep:
+            with torch.no_grad():
+                teacher = run.read(i, ep, None, keep, write=False)
+    if ep.keep:
+        term = kl_to_backbone(logits[0, :-1], teacher[0, :-1])
+        base = cfg.keep_weight * term
+    else:
+        term = base = F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=IGNORE)
+    loss = base + cfg.reg_weight * gates.penalty(cfg.reg_target) if cfg.reg_weight else base
+    return loss, float(term.detach())
 
 
 @torch.no_grad()
@@ -171,8 +192,11 @@ def evaluate(dm: DeltaMemModel | EpisodeRunner, episodes: Sequence[Episode], mem
     or from a zero state (the bare backbone: zero reads add nothing), so the gap between the two is
     what the memory carries."""
     run = dm if isinstance(dm, EpisodeRunner) else EpisodeRunner(dm)
-    nll = correct = count = exact = 0.0
+    nll = correct = count = exact = answers = 0.0
     for i, ep in enumerate(episodes):
+        if ep.keep:
+            continue
+        answers += 1
         targets, keep = _answer_targets(ep, run.dm.device)
         state = run.write(i, ep) if memory else None
         logits = run.read(i, ep, state, keep, write=read_writes)[0, :-1].float()
@@ -183,7 +207,21 @@ def evaluate(dm: DeltaMemModel | EpisodeRunner, episodes: Sequence[Episode], mem
         exact += float(hits.all())
         count += int(scored.sum())
     return {"ce": round(nll / max(1, count), 4), "token_accuracy": round(correct / max(1, count), 4),
-            "exact": round(exact / max(1, len(episodes)), 4)}
+            "exact": round(exact / max(1, answers), 4)}
+
+
+@torch.no_grad()
+def evaluate_keep(run: EpisodeRunner, episodes: Sequence[Episode]) -> float:
+    """Mean KL(backbone ‖ memory) over the keep episodes among `episodes`: 0 when the memory changes nothing."""
+    total = count = 0.0
+    for i, ep in enumerate(episodes):
+        if not ep.keep:
+            continue
+        count += 1
+        _, keep = _answer_targets(ep, run.dm.device)
+        logits = run.read(i, ep, run.write(i, ep), keep, write=True)[0, :-1]
+        total += float(kl_to_backbone(logits, run.read(i, ep, None, keep, write=False)[0, :-1]))
+    return round(total / max(1, count), 5)
 
 
 @torch.no_grad()
@@ -308,10 +346,13 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
             return
         t0 = time.perf_counter()
         metrics = {"step": prog.step, **evaluate(eval_run, eval_episodes, read_writes=cfg.read_writes)}
+        if any(ep.keep for ep in eval_episodes):
+            metrics["keep_kl"] = evaluate_keep(eval_run, eval_episodes)
         prog.evals.append(metrics)
         log.info("held-out at step %d: answer ce %.3f, token accuracy %.3f, exact %.3f (zero state: %.3f, %.3f, "
-                 "%.3f) [%.0f s]", prog.step, metrics["ce"], metrics["token_accuracy"], metrics["exact"],
-                 baseline["ce"], baseline["token_accuracy"], baseline["exact"], time.perf_counter() - t0)
+                 "%.3f)%s [%.0f s]", prog.step, metrics["ce"], metrics["token_accuracy"], metrics["exact"],
+                 baseline["ce"], baseline["token_accuracy"], baseline["exact"],
+                 f", keep KL {metrics['keep_kl']:.4f}" if "keep_kl" in metrics else "", time.perf_counter() - t0)
 
     gates = _AttentionInputs(dm)
     started = time.perf_counter()
@@ -321,14 +362,15 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(prog.step, cfg)
-            total = ce_sum = 0.0
+            total = 0.0
+            terms: dict[bool, list[float]] = {False: [], True: []}      # recall ce, keep kl
             tokens = 0
             for _ in range(cfg.grad_accum):
                 i, ep = next_episode()
-                loss, ce = episode_loss(run, i, ep, gates, cfg)
+                loss, term = episode_loss(run, i, ep, gates, cfg)
                 (loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
-                ce_sum += ce / cfg.grad_accum
+                terms[ep.keep].append(term)
                 tokens += ep.tokens
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -337,11 +379,14 @@ def train(model: torch.nn.Module, episodes: Sequence[Episode], out: Path, cfg: T
             dt = time.perf_counter() - t0
             prog.seconds += dt
             prog.tokens += tokens
-            prog.losses.append((prog.step, round(total, 5), round(ce_sum, 5)))
-            bar.set_postfix(loss=f"{total:.3f}", ce=f"{ce_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
+            ce, kl = (round(sum(t) / len(t), 5) if t else None for t in (terms[False], terms[True]))
+            prog.losses.append((prog.step, round(total, 5), ce, kl))
+            shown = {"loss": f"{total:.3f}", **({"ce": f"{ce:.3f}"} if ce is not None else {}),
+                     **({"kl": f"{kl:.4f}"} if kl is not None else {}), "tok_s": f"{tokens / dt:.0f}"}
+            bar.set_postfix(shown, refresh=False)
             bar.update(1)
             if not progress_bar and (prog.step % 10 == 0 or prog.step == cfg.steps):
-                log.info("step %d/%d loss %.4f ce %.4f %.0f tok/s", prog.step, cfg.steps, total, ce_sum, tokens / dt)
+                log.info("step %d/%d %s", prog.step, cfg.steps, " ".join(f"{k} {v}" for k, v in shown.items()))
             if cfg.eval_every and prog.step % cfg.eval_every == 0 and prog.step < cfg.steps:
                 run_eval()
             if cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < cfg.steps:
@@ -379,8 +424,8 @@ def _write_card(adapter_dir: Path, model: torch.nn.Module, dm: DeltaMemModel, fi
             "machine": machine, "loss_curve": prog.losses, "heldout_eval": prog.evals,
             "heldout_zero_state": baseline, "checkpoint": checkpoint.name, "command": command}
     (adapter_dir / "training_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    first = sum(x[2] for x in prog.losses[:10]) / max(1, len(prog.losses[:10]))
-    last = sum(x[2] for x in prog.losses[-10:]) / max(1, len(prog.losses[-10:]))
+    ces = [x[2] for x in prog.losses if x[2] is not None]
+    first, last = (sum(part) / max(1, len(part)) for part in (ces[:10], ces[-10:]))
     (adapter_dir / "README.md").write_text(
         f"# Δ-Mem adapter for {card['backbone']}\n\n"
         f"- data: {data_note} ({n_episodes} episodes, {prog.cursor} seen)\n"
