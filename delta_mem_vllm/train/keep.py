@@ -19,8 +19,6 @@ The trainer scores each against the backbone's next-token distribution (`trainer
 from __future__ import annotations
 
 import ast
-import inspect
-import logging
 import random
 import sysconfig
 from pathlib import Path
@@ -28,7 +26,6 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-log = logging.getLogger(__name__)
 SENTINEL = "\x00"
 
 
@@ -115,8 +112,8 @@ def stdlib_passages(n: int, min_chars: int = 400, max_chars: int = 1500, seed: i
         for node in [tree, *ast.walk(tree)]:
             if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node, clean=True)
-                if doc and len(doc) >= min_chars and doc.count(">>>") == 0:
-                    docs.append(_cut(inspect.cleandoc(doc), max_chars))
+                if doc and len(doc) >= min_chars and ">>>" not in doc:
+                    docs.append(_cut(doc, max_chars))
     docs = list(dict.fromkeys(docs))
     random.Random(seed).shuffle(docs)
     if len(docs) < n:
