@@ -84,7 +84,8 @@ def decide_max_tokens(requested: int | None, default: int | None, prompt_len: in
 
 class Keeper(Protocol):
     """Keeps a record of a finished turn (a stored response): saved before the session commits,
-    discarded if the commit fails, so a session never names a record that does not exist."""
+    discarded if the commit is known to have failed, so a session never names a record that does
+    not exist."""
 
     async def save(self, turn: "Turn") -> None: ...
 
@@ -254,10 +255,17 @@ async def run_turn(ctx: Any, turn: Turn) -> AsyncIterator[GenerationOutput]:
                             await turn.keeper.save(turn)
                         try:
                             await turn.session.commit(out, reply, turn.response_id)
-                        except Exception:
-                            if turn.keeper is not None:
+                        except Exception as exc:
+                            # a commit that may have landed names the stored response: keep it
+                            unknown = isinstance(exc, APIError) and exc.code == "commit_unknown"
+                            if turn.keeper is None:
+                                raise
+                            if not unknown:
                                 await turn.keeper.discard()
-                            raise
+                                raise
+                            raise APIError(503, f"{exc}. The response is kept as {turn.response_id}: if the "
+                                                "session's last_response_id names it, the turn was committed.",
+                                           code="commit_unknown", headers={"X-Response-ID": turn.response_id}) from exc
                         turn.committed = True
                         metrics.written_tokens.inc(len(out.written_token_ids or ()))
                         outcome = "committed"

@@ -2,8 +2,9 @@
 `previous_response_id` continues (its session). Small JSON documents beside the session states, in
 the same backend, keyed like them by a hash of (owner, id) so that ids never become paths or keys.
 
-A document is written before the turn that produced it commits and removed if that commit fails, so
-a session never names a response that cannot be read.
+A document is written before the turn that produced it commits and removed if that commit is known
+to have failed, so a session never names a response that cannot be read. A document belongs to one
+incarnation of its session: once the session is deleted (even if its id is used again) it is gone.
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
+
+from delta_mem_vllm.state import record_revision
 
 RECORD_VERSION = 1
 EMPTY_DIGEST = "0" * 64
@@ -44,6 +47,8 @@ class SessionRecord:
     pending_token_ids: list[int] = field(default_factory=list)
     written_token_ids: list[int] | None = None                # debug setting only
     last_response_id: str | None = None     # the Responses API response this state follows, if any
+    commit_id: str = ""                     # random per commit: with the version, the commit's identity
+    incarnation: str = ""                   # random per creation: a deleted and recreated id is another session
     record_version: int = RECORD_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,6 +58,23 @@ class SessionRecord:
     def from_dict(cls, data: dict[str, Any]) -> "SessionRecord":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def new(cls, **fields: Any) -> "SessionRecord":
+        """A session's first record: a new incarnation, committed as version 0."""
+        return cls(**{**fields, "incarnation": uuid.uuid4().hex, "commit_id": uuid.uuid4().hex})
+
+    @property
+    def revision(self) -> str:
+        """What a commit over this record expects to find stored (see record_revision)."""
+        return record_revision({"version": self.version, "commit_id": self.commit_id})
+
+    def next_commit(self, now: float, *, bump: bool = True) -> None:
+        """Make this record the next commit: a new commit id, used now, and (unless only the use
+        is recorded) the next version."""
+        self.version += int(bump)
+        self.commit_id = uuid.uuid4().hex
+        self.last_used_at = now
 
     def expired(self, now: float) -> bool:
         return self.ttl is not None and now - self.last_used_at > self.ttl

@@ -18,6 +18,7 @@ import torch
 
 from delta_mem_vllm.state import (
     ABSENT,
+    CommitUnknown,
     PersistError,
     Snapshot,
     StateFormatError,
@@ -25,6 +26,7 @@ from delta_mem_vllm.state import (
     VersionConflict,
     export_document,
     import_document,
+    record_revision,
     storage_key,
     validate_session_id,
 )
@@ -135,7 +137,7 @@ class SessionTurn:
         self._new_entries: list[str] = []
         self._new_system: list[str] = []
         self.tokens: TurnTokens | None = None
-        self._base_version = record.version    # the commit goes over exactly this stored version
+        self._base = record.revision            # the commit goes over exactly this stored revision
 
     @property
     def session_id(self) -> str:
@@ -143,7 +145,9 @@ class SessionTurn:
 
     @property
     def cache_salt(self) -> str:
-        return f"{self.key}:{self.record.version}"
+        """Cached KV of a memory-mode context depends on the state: never shared across commits
+        (nor across a deleted session and its namesake, whose versions repeat)."""
+        return f"{self.key}:{self._base}"
 
     def plan_chat(self, tokenizer: Any, messages: Sequence[ChatMessage], granularity: str = "token",
                   tools: Sequence[dict[str, Any]] = ()) -> TurnTokens:
@@ -179,12 +183,11 @@ class SessionTurn:
                      self._mgr.message_log_max)
         rec.pending_token_ids = list(output.pending_token_ids or [])
         rec.record_written(list(output.written_token_ids or []), self._mgr.keep_written_tokens)
-        rec.version += 1
+        rec.next_commit(self._mgr.clock())
         rec.turns += 1
-        rec.last_used_at = self._mgr.clock()
         rec.last_response_id = response_id
         state = output.final_state.detach().to(torch.float32).reshape(self._mgr.identity.state_shape)
-        task = asyncio.ensure_future(self._mgr._put(self.key, rec, state, expect=self._base_version))
+        task = asyncio.ensure_future(self._mgr._put(self.key, rec, state, expect=self._base))
         await asyncio.shield(task)
         self.record = rec
         return rec
@@ -212,11 +215,15 @@ class SessionManager:
         return Snapshot(state=state, record=rec.to_dict(), adapter_fingerprint=self.identity.adapter_fingerprint,
                         layer_names=list(self.identity.layer_names), model_fingerprint=self.identity.model_fingerprint)
 
-    async def _put(self, key: str, rec: SessionRecord, state: torch.Tensor, expect: int | None = None) -> None:
-        """Store a snapshot; with `expect`, only over that stored version (ABSENT: a new session), else
+    async def _put(self, key: str, rec: SessionRecord, state: torch.Tensor, expect: str | None = None) -> None:
+        """Store a snapshot; with `expect`, only over that stored revision (ABSENT: a new session), else
         409: another replica sharing the store committed to this session first."""
         try:
             await asyncio.to_thread(self.store.put, key, self._snapshot(rec, state), expect)
+        except CommitUnknown as exc:
+            raise APIError(503, f"the store failed while committing to session {rec.session_id!r} and its outcome "
+                                f"could not be read back: the turn may or may not be committed ({exc}). Read the "
+                                f"session: revision {rec.revision} means it was.", code="commit_unknown") from exc
         except VersionConflict as exc:
             raise conflict(f"session {rec.session_id!r} was changed by another request (another replica "
                            f"committed first: {exc}); nothing was committed, send the request again",
@@ -225,28 +232,54 @@ class SessionManager:
             raise APIError(500, f"refusing to store an invalid state: {exc}", type="server_error",
                            code="invalid_state") from exc
         except PersistError as exc:
-            raise APIError(503, f"could not persist the session state: {exc}", code="persist_failed") from exc
+            raise APIError(503, f"could not persist the session state (nothing was committed): {exc}",
+                           code="persist_failed") from exc
 
     async def _load(self, key: str, session_id: str) -> Snapshot | None:
-        """The committed snapshot, or None (absent or expired: an expired one is deleted)."""
+        """The live committed snapshot, or None (absent, or expired: reads delete nothing)."""
+        snap = await self._load_any(key, session_id)
+        return None if snap is None or self._expired(snap) else snap
+
+    async def _load_any(self, key: str, session_id: str) -> Snapshot | None:
         try:
-            snap = await asyncio.to_thread(self.store.get, key)
+            return await asyncio.to_thread(self.store.get, key)
         except Exception as exc:  # noqa: BLE001 - corrupted (409) or unreachable store (503)
             raise state_error(exc, session_id) from exc
-        if snap is None:
-            return None
-        rec = SessionRecord.from_dict(snap.record)
-        if rec.expired(self.clock()):
-            await asyncio.to_thread(self.store.delete, key)
-            return None
-        return snap
+
+    def _expired(self, snap: Snapshot) -> bool:
+        return SessionRecord.from_dict(snap.record).expired(self.clock())
+
+    async def _load_locked(self, key: str, session_id: str) -> Snapshot | None:
+        """Under the session's lock: the live snapshot, or None. An expired session is deleted here,
+        only at the revision seen expired, so expiry never takes a commit or a use from under a turn."""
+        while True:
+            snap = await self._load_any(key, session_id)
+            if snap is None or not self._expired(snap):
+                return snap
+            try:
+                await asyncio.to_thread(self.store.delete, key, record_revision(snap.record))
+                return None
+            except VersionConflict:
+                continue   # used or deleted meanwhile on another replica: look again
+            except PersistError as exc:
+                raise APIError(503, f"could not delete the expired session: {exc}", code="persist_failed") from exc
+
+    async def _touch(self, key: str, rec: SessionRecord, state: torch.Tensor) -> None:
+        """Starting a turn counts as use: a session past half its TTL has its use committed first, so
+        no replica's sweep deletes it while the turn runs (the turn must not outlast half the TTL)."""
+        now = self.clock()
+        if rec.ttl is None or now - rec.last_used_at <= rec.ttl / 2:
+            return
+        expect = rec.revision
+        rec.next_commit(now, bump=False)
+        await self._put(key, rec, state, expect=expect)
 
     def _new_record(self, owner: str, session_id: str, ttl: float | None = None,
                     metadata: dict[str, str] | None = None) -> SessionRecord:
         now = self.clock()
-        return SessionRecord(session_id=session_id, owner=owner, created_at=now, last_used_at=now,
-                             ttl=ttl if ttl is not None else self.default_ttl, metadata=dict(metadata or {}),
-                             written_token_ids=[] if self.keep_written_tokens else None)
+        return SessionRecord.new(session_id=session_id, owner=owner, created_at=now, last_used_at=now,
+                                 ttl=ttl if ttl is not None else self.default_ttl, metadata=dict(metadata or {}),
+                                 written_token_ids=[] if self.keep_written_tokens else None)
 
     async def _salvage_record(self, key: str, owner: str, session_id: str) -> SessionRecord:
         """The identity (created, ttl, metadata, version) of a session whose state is unusable, when its
@@ -268,7 +301,7 @@ class SessionManager:
         key = storage_key(owner, session_id)
         lease = await self._lock(key, session_id)
         try:
-            snap = await self._load(key, session_id)
+            snap = await self._load_locked(key, session_id)
             if snap is None:
                 if not self.auto_create:
                     raise not_found(f"session {session_id!r} not found", param="session_id", code="session_not_found")
@@ -284,6 +317,7 @@ class SessionManager:
                         raise
             if snap is not None:
                 rec, state = SessionRecord.from_dict(snap.record), snap.state
+                await self._touch(key, rec, state)
             if reset:
                 rec.clear_memory()
                 state = self.identity.zero_state()
@@ -300,7 +334,7 @@ class SessionManager:
         lease = await self._lock(key, session_id)
         try:
             exists = conflict(f"session {session_id!r} already exists", code="session_exists", param="id")
-            if await self._load(key, session_id) is not None:
+            if await self._load_locked(key, session_id) is not None:
                 raise exists
             rec = self._new_record(owner, session_id, ttl, metadata)
             try:
@@ -373,27 +407,27 @@ class SessionManager:
     async def _mutate(self, owner: str, session_id: str,
                       change: Callable[[SessionRecord, torch.Tensor], tuple[SessionRecord, torch.Tensor]],
                       *, create: bool = False) -> SessionRecord:
-        """Load → change → store under the session's lock (reset, import)."""
+        """Load → change → store under the session's lock (reset, import). An unreadable state is
+        replaced; an absent session is created only with `create`."""
         key = storage_key(owner, session_id)
         lease = await self._lock(key, session_id)
         try:
             unreadable = False
             try:
-                snap = await self._load(key, session_id)
-            except APIError:
-                if not create:
+                snap = await self._load_locked(key, session_id)
+            except APIError as exc:
+                if exc.status == 503:
                     raise
                 snap, unreadable = None, True  # an unreadable state may be replaced by an import or a reset
             if snap is None:
-                if not create:
+                if not (create or unreadable):
                     raise not_found(f"session {session_id!r} not found", code="session_not_found")
                 rec, state = await self._salvage_record(key, owner, session_id), self.identity.zero_state()
             else:
                 rec, state = SessionRecord.from_dict(snap.record), snap.state
-            expect = None if unreadable else ABSENT if snap is None else rec.version
+            expect = None if unreadable else ABSENT if snap is None else rec.revision
             rec, state = change(rec, state)
-            rec.version += 1
-            rec.last_used_at = self.clock()
+            rec.next_commit(self.clock())
             await self._put(key, rec, state, expect=expect)
             return rec
         finally:
@@ -407,14 +441,22 @@ class SessionManager:
             return rec, self.identity.zero_state()
 
         # a reset also recovers a session whose stored state is corrupted
-        return await self._mutate(owner, session_id, change, create=await self._exists_any(owner, session_id))
+        return await self._mutate(owner, session_id, change)
 
-    async def exists(self, owner: str, session_id: str) -> bool:
-        """Whether the session is stored (whatever the state of its tensors)."""
-        return await self._exists_any(owner, check_session_id(session_id))
-
-    async def _exists_any(self, owner: str, session_id: str) -> bool:
-        return await asyncio.to_thread(self.store.contains, storage_key(owner, session_id))
+    async def incarnation(self, owner: str, session_id: str) -> str | None:
+        """The live session's incarnation ("" for records older than incarnations), None when it
+        does not exist or has expired; the state's tensors are not read."""
+        key = storage_key(owner, check_session_id(session_id))
+        try:
+            data = await asyncio.to_thread(self.store.peek_record, key)
+        except PersistError as exc:
+            raise APIError(503, f"session store unavailable: {exc}", code="store_unavailable") from exc
+        except StateFormatError:
+            data = None
+        if not data:
+            return None
+        rec = SessionRecord.from_dict(data)
+        return None if rec.expired(self.clock()) else rec.incarnation
 
     async def fork(self, owner: str, session_id: str, new_id: str | None = None, *,
                    ttl: float | None = None, metadata: dict[str, str] | None = None) -> SessionRecord:
@@ -425,10 +467,10 @@ class SessionManager:
         lease = await self._lock(key, new_id)
         try:
             exists = conflict(f"session {new_id!r} already exists", code="session_exists", param="id")
-            if await self._load(key, new_id) is not None:
+            if await self._load_locked(key, new_id) is not None:
                 raise exists
-            rec = SessionRecord.from_dict(src.to_dict())
             now = self.clock()
+            rec = SessionRecord.new(**src.to_dict())
             rec.session_id, rec.created_at, rec.last_used_at, rec.version = new_id, now, now, 0
             rec.ttl = ttl if ttl is not None else src.ttl
             rec.metadata = dict(metadata) if metadata is not None else dict(src.metadata)
@@ -504,8 +546,8 @@ class SessionManager:
             try:
                 data = await asyncio.to_thread(self.store.peek_record, key)
                 if data and SessionRecord.from_dict(data).expired(self.clock()):
-                    try:   # only the version seen expired: a replica may have used it since
-                        removed += bool(await asyncio.to_thread(self.store.delete, key, data.get("version", 0)))
+                    try:   # only the revision seen expired: a replica may have used it since
+                        removed += bool(await asyncio.to_thread(self.store.delete, key, record_revision(data)))
                     except VersionConflict:
                         pass
             finally:

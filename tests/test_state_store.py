@@ -19,6 +19,7 @@ import torch
 
 from delta_mem_vllm.state import (
     ABSENT,
+    CommitUnknown,
     FilesystemBackend,
     MemoryBackend,
     PersistError,
@@ -40,10 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 NAMES = [f"model.layers.{i}.self_attn" for i in range(4)]
 
 
-def snap(value: float = 1.0, *, version: int = 1, fp: str = "fp", layers: int = 4, h: int = 1) -> Snapshot:
+def snap(value: float = 1.0, *, version: int = 1, fp: str = "fp", layers: int = 4, h: int = 1,
+         commit: str | None = None) -> Snapshot:
     state = torch.full((layers, h, 8, 8), float(value))
     state[:, :, 0, 0] = torch.arange(layers * h, dtype=torch.float32).view(layers, h)  # layers distinguishable
-    return Snapshot(state=state, record={"version": version, "value": value}, adapter_fingerprint=fp,
+    record = {"version": version, "value": value, **({"commit_id": commit} if commit else {})}
+    return Snapshot(state=state, record=record, adapter_fingerprint=fp,
                     layer_names=[f"model.layers.{i}.self_attn" for i in range(layers)])
 
 
@@ -534,46 +537,163 @@ def any_backend(request, tmp_path):
 
 def test_conditional_puts_and_deletes(any_backend):
     be = any_backend
-    be.put(key(0), snap(1.0, version=0), expect_version=ABSENT)
+    be.put(key(0), snap(1.0, version=0, commit="c0"), expect_revision=ABSENT)
     with pytest.raises(VersionConflict):
-        be.put(key(0), snap(2.0, version=0), expect_version=ABSENT)      # created by someone else
-    be.put(key(0), snap(3.0, version=1), expect_version=0)
-    assert be.version(key(0)) == 1 and be.version(key(1)) is None
+        be.put(key(0), snap(2.0, version=0, commit="x0"), expect_revision=ABSENT)   # created by someone else
+    be.put(key(0), snap(3.0, version=1, commit="c1"), expect_revision="0-c0")
+    assert be.revision(key(0)) == "1-c1" and be.revision(key(1)) is None
     with pytest.raises(VersionConflict):
-        be.put(key(0), snap(4.0, version=1), expect_version=0)           # the loser of a race
+        be.put(key(0), snap(4.0, version=1, commit="x1"), expect_revision="0-c0")   # the loser of a race
     with pytest.raises(VersionConflict):
-        be.put(key(1), snap(4.0, version=1), expect_version=0)           # deleted meanwhile
-    assert same(be.get(key(0)), snap(3.0, version=1)) and be.get(key(1)) is None   # losers changed nothing
+        be.put(key(1), snap(4.0, version=1, commit="x1"), expect_revision="0-c0")   # deleted meanwhile
+    assert same(be.get(key(0)), snap(3.0, version=1, commit="c1")) and be.get(key(1)) is None   # losers changed nothing
     with pytest.raises(VersionConflict):
-        be.delete(key(0), expect_version=0)
-    assert be.delete(key(0), expect_version=1) and be.version(key(0)) is None
-    be.put(key(2), snap(5.0, version=7))                                 # unconditional, as before
-    assert be.version(key(2)) == 7
+        be.delete(key(0), expect_revision="0-c0")
+    with pytest.raises(VersionConflict):
+        be.delete(key(0), expect_revision="1-other")    # the same version from another commit
+    assert be.delete(key(0), expect_revision="1-c1") and be.revision(key(0)) is None
+    be.put(key(2), snap(5.0, version=7))                 # unconditional, and a record without a commit id
+    assert be.revision(key(2)) == "7"
+    be.put(key(2), snap(6.0, version=8, commit="c8"), expect_revision="7")
+
+
+def test_a_version_that_repeats_is_another_commit(any_backend):
+    """A session deleted and created again counts its versions from 0 again: a writer holding the
+    old incarnation's version 1 must not commit over the new incarnation's version 1."""
+    be = any_backend
+    be.put(key(0), snap(1.0, version=0, commit="old0"), expect_revision=ABSENT)
+    be.put(key(0), snap(2.0, version=1, commit="old1"), expect_revision="0-old0")
+    assert be.delete(key(0))
+    be.put(key(0), snap(3.0, version=0, commit="new0"), expect_revision=ABSENT)
+    be.put(key(0), snap(4.0, version=1, commit="new1"), expect_revision="0-new0")
+    with pytest.raises(VersionConflict):
+        be.put(key(0), snap(9.0, version=2, commit="old2"), expect_revision="1-old1")
+    with pytest.raises(VersionConflict):
+        be.delete(key(0), expect_revision="1-old1")
+    assert same(be.get(key(0)), snap(4.0, version=1, commit="new1"))
 
 
 def test_a_shared_backend_never_serves_a_stale_resident_state(tmp_path):
-    """Replica A holds version 1 resident; B commits version 2 through the same Redis: A's next read
-    is version 2, and A's commit from its old copy is refused."""
+    """Replica A holds a revision resident; B commits through the same Redis: A's next read is B's
+    commit, and A's commit from its old copy is refused, even when B's commit has the same version
+    (B deleted the session and created it again)."""
     if redis_server_binary() is None:
         pytest.skip("redis-server binary not found (apt-get install redis-server)")
     srv = RedisServer(tmp_path / "r").start()
     try:
         a, b = (TieredStateStore(RedisBackend(srv.url)) for _ in range(2))
-        a.put(key(0), snap(1.0, version=1), expect_version=ABSENT)
-        assert same(a.get(key(0)), snap(1.0, version=1)) and same(b.get(key(0)), snap(1.0, version=1))
-        b.put(key(0), snap(2.0, version=2), expect_version=1)
+        a.put(key(0), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
+        assert same(a.get(key(0)), snap(1.0, version=1, commit="a1"))
+        assert same(b.get(key(0)), snap(1.0, version=1, commit="a1"))
+        b.put(key(0), snap(2.0, version=2, commit="b2"), expect_revision="1-a1")
         with pytest.raises(VersionConflict):
-            a.put(key(0), snap(9.0, version=2), expect_version=1)
-        assert same(a.get(key(0)), snap(2.0, version=2)) and a.stats()["restores"] == 1
-        b.put(key(0), snap(3.0, version=3), expect_version=2)
-        assert same(a.get(key(0)), snap(3.0, version=3)) and a.stats()["stale_drops"] == 1
+            a.put(key(0), snap(9.0, version=2, commit="a2"), expect_revision="1-a1")
+        assert same(a.get(key(0)), snap(2.0, version=2, commit="b2")) and a.stats()["restores"] == 1
+        b.put(key(0), snap(3.0, version=3, commit="b3"), expect_revision="2-b2")
+        assert same(a.get(key(0)), snap(3.0, version=3, commit="b3")) and a.stats()["stale_drops"] == 1
         assert b.delete(key(0)) and a.get(key(0)) is None               # deleted elsewhere: gone here too
-        # a state written before versions were kept in their own field still compares by its record
-        b.backend.put(key(5), snap(1.0, version=4))
-        b.backend._client.hdel(b.backend._rkey(key(5)), "version")
-        assert b.backend.version(key(5)) == 4
-        b.backend.put(key(5), snap(2.0, version=5), expect_version=4)
+        # recreated elsewhere up to the version A holds: A neither serves nor overwrites its copy
+        a.put(key(1), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
+        assert same(a.get(key(1)), snap(1.0, version=1, commit="a1"))
+        assert b.delete(key(1))
+        b.put(key(1), snap(5.0, version=0, commit="b0"), expect_revision=ABSENT)
+        b.put(key(1), snap(6.0, version=1, commit="b1"), expect_revision="0-b0")
+        assert same(a.get(key(1)), snap(6.0, version=1, commit="b1"))
         with pytest.raises(VersionConflict):
-            b.backend.put(key(5), snap(2.0, version=5), expect_version=4)
+            a.put(key(1), snap(9.0, version=2, commit="a2"), expect_revision="1-a1")
+        # states written before the revision (or any version) field compare by their manifest's record
+        rb = b.backend
+        rb.put(key(5), snap(1.0, version=4))
+        rb._client.hdel(rb._rkey(key(5)), "version", "revision")
+        assert rb.revision(key(5)) == "4"
+        rb.put(key(5), snap(2.0, version=5, commit="c5"), expect_revision="4")
+        rb._client.hdel(rb._rkey(key(5)), "version", "revision")
+        assert rb.revision(key(5)) == "5-c5"
+        # a replica of an older release writes `version` alone: the stale `revision` beside it is ignored
+        rb._client.hset(rb._rkey(key(5)), mapping={"version": 6, "revision": "5-c5"})
+        assert rb.revision(key(5)) == "6"
+        with pytest.raises(VersionConflict):
+            rb.put(key(5), snap(2.0, version=6, commit="c6"), expect_revision="5-c5")
     finally:
         srv.stop()
+
+
+def _lands_then_fails(backend, *, unreadable: bool = False):
+    """Faults after the commit point: the write lands, the call raises (a Redis reply lost after the
+    script ran), and with `unreadable` the read-back fails too. Armed by setting `.armed`."""
+    put, revision = backend.put, backend.revision
+
+    def failing_put(key, snapshot, expect_revision=None):
+        put(key, snapshot, expect_revision)
+        if backend.armed:
+            raise ConnectionError("connection lost after the write")
+
+    def failing_revision(key):
+        if backend.armed and unreadable:
+            raise ConnectionError("store unreachable")
+        return revision(key)
+
+    backend.armed, backend.put, backend.revision = False, failing_put, failing_revision
+    return backend
+
+
+class _FsyncFailsAfterRename(FilesystemBackend):
+    """The directory fsync after the manifest's rename fails: the new manifest is in place."""
+    armed = False
+
+    def _write(self, d, name, payload):
+        super()._write(d, name, payload)
+        if self.armed and name == "manifest.json":
+            raise OSError(5, "Input/output error")
+
+
+@pytest.mark.parametrize("kind", ["filesystem", "redis"])
+def test_a_commit_that_landed_despite_an_error_is_reported_committed(kind, tmp_path):
+    srv = None
+    if kind == "filesystem":
+        be = _FsyncFailsAfterRename(tmp_path / "fs")
+    else:
+        if redis_server_binary() is None:
+            pytest.skip("redis-server binary not found (apt-get install redis-server)")
+        srv = RedisServer(tmp_path / "r").start()
+        be = _lands_then_fails(RedisBackend(srv.url))
+    try:
+        store = TieredStateStore(be)
+        store.put(key(0), snap(1.0, version=1, commit="c1"), expect_revision=ABSENT)
+        be.armed = True
+        store.put(key(0), snap(2.0, version=2, commit="c2"), expect_revision="1-c1")    # no error: it landed
+        assert same(store.get(key(0)), snap(2.0, version=2, commit="c2"))
+        assert be.revision(key(0)) == "2-c2" and store.stats()["persist_failures"] == 1
+    finally:
+        if srv is not None:
+            srv.stop()
+
+
+class _Refusing(MemoryBackend):
+    fail = False
+
+    def put(self, key, snapshot, expect_revision=None):
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        super().put(key, snapshot, expect_revision)
+
+
+def test_a_commit_whose_outcome_cannot_be_read_back_is_unknown_and_one_that_failed_is_not():
+    be = _lands_then_fails(MemoryBackend(), unreadable=True)
+    store = TieredStateStore(be)
+    store.put(key(0), snap(1.0, version=1, commit="c1"), expect_revision=ABSENT)
+    be.armed = True
+    with pytest.raises(CommitUnknown):
+        store.put(key(0), snap(2.0, version=2, commit="c2"), expect_revision="1-c1")
+    be.armed = False
+    assert store.tier_of(key(0)) == "persistent"          # the resident copy is no longer trusted
+    assert same(store.get(key(0)), snap(2.0, version=2, commit="c2"))   # it had landed
+
+    refusing = _Refusing()
+    store = TieredStateStore(refusing)
+    store.put(key(0), snap(1.0, version=1, commit="c1"), expect_revision=ABSENT)
+    refusing.fail = True
+    with pytest.raises(PersistError) as e:
+        store.put(key(0), snap(2.0, version=2, commit="c2"), expect_revision="1-c1")
+    assert not isinstance(e.value, CommitUnknown)
+    assert store.tier_of(key(0)) == "device" and same(store.get(key(0)), snap(1.0, version=1, commit="c1"))

@@ -4,7 +4,15 @@ persistent backends (filesystem, Redis, memory) and the device → host → back
 Framework-free (torch + safetensors; redis-py only for RedisBackend), so it is testable on a CPU.
 """
 
-from .backends import ABSENT, FilesystemBackend, MemoryBackend, PersistentBackend, RedisBackend, VersionConflict
+from .backends import (
+    ABSENT,
+    FilesystemBackend,
+    MemoryBackend,
+    PersistentBackend,
+    RedisBackend,
+    VersionConflict,
+    record_revision,
+)
 from .format import (
     FORMAT_VERSION,
     Snapshot,
@@ -16,10 +24,11 @@ from .format import (
     import_document,
 )
 from .keys import SESSION_ID_PATTERN, storage_key, validate_session_id, validate_storage_key
-from .store import PersistError, TieredStateStore
+from .store import CommitUnknown, PersistError, TieredStateStore
 
 __all__ = [
     "ABSENT",
+    "CommitUnknown",
     "FORMAT_VERSION",
     "SESSION_ID_PATTERN",
     "FilesystemBackend",
@@ -36,6 +45,7 @@ __all__ = [
     "encode_snapshot",
     "export_document",
     "import_document",
+    "record_revision",
     "storage_key",
     "validate_session_id",
     "validate_storage_key",

@@ -28,21 +28,29 @@ __all__ = [
     "PersistentBackend",
     "RedisBackend",
     "VersionConflict",
-    "record_version",
+    "record_revision",
 ]
 
-# expect_version=ABSENT: the key must not exist yet
-ABSENT = -1
+# expect_revision=ABSENT: the key must not exist yet
+ABSENT = "<absent>"
 
 
 class VersionConflict(RuntimeError):
-    """A conditional put or delete found another version under the key: another writer (a replica
+    """A conditional put or delete found another revision under the key: another writer (a replica
     sharing the backend) committed first. Nothing was changed."""
 
 
-def record_version(record: dict[str, Any]) -> int:
-    """Every snapshot's record carries an integer ``version`` that grows by one per commit."""
-    return int(record.get("version", 0))
+def record_revision(record: dict[str, Any]) -> str:
+    """The identity of the commit that wrote ``record``: ``"<version>-<commit_id>"``.
+
+    Versions alone repeat (a session deleted and created again starts over at 0, and a store that
+    loses its last second of writes on a crash rolls one back), so a compare-and-set on the version
+    would accept a stale writer. The random commit id never repeats; records written before commit
+    ids existed are identified by their version alone.
+    """
+    version = int(record.get("version", 0))
+    commit_id = record.get("commit_id")
+    return f"{version}-{commit_id}" if commit_id else str(version)
 
 
 @runtime_checkable
@@ -50,19 +58,19 @@ class PersistentBackend(Protocol):
     """The persistent tier. Implementations must be thread-safe.
 
     Conditional writes make replicas that share a backend safe without a lock service: a commit
-    names the version it started from (``expect_version``) and fails with VersionConflict when the
-    stored version is another one. ``shared`` backends can change under a process (other writers),
-    so the tiered store checks ``version`` before trusting a resident copy.
+    names the revision it started from (``expect_revision``, see :func:`record_revision`) and fails
+    with VersionConflict when another one is stored. ``shared`` backends can change under a process
+    (other writers), so the tiered store checks ``revision`` before trusting a resident copy.
     """
 
     shared: bool
 
-    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_revision: str | None = None) -> None:
         """Store ``snapshot`` under ``key``; durable (per the backend's guarantees) when it returns.
-        With ``expect_version`` (ABSENT: must not exist) the put happens only over that version."""
+        With ``expect_revision`` (ABSENT: must not exist) the put happens only over that revision."""
 
-    def version(self, key: str) -> int | None:
-        """The stored record's version, None when absent (cheap: no tensor bytes)."""
+    def revision(self, key: str) -> str | None:
+        """The stored record's revision, None when absent (cheap: no tensor bytes)."""
 
     def get(self, key: str) -> Snapshot | None:
         """The CPU snapshot, None when absent; StateFormatError when stored data is corrupted."""
@@ -72,9 +80,9 @@ class PersistentBackend(Protocol):
 
     def contains(self, key: str) -> bool: ...
 
-    def delete(self, key: str, expect_version: int | None = None) -> bool:
-        """Remove ``key``; True when something was removed. With ``expect_version``, only that version
-        (VersionConflict when another one is stored)."""
+    def delete(self, key: str, expect_revision: str | None = None) -> bool:
+        """Remove ``key``; True when something was removed. With ``expect_revision``, only that
+        revision (VersionConflict when another one is stored)."""
 
     def keys(self) -> list[str]: ...
 
@@ -84,12 +92,12 @@ class PersistentBackend(Protocol):
     def close(self) -> None: ...
 
 
-def _check_expected(key: str, current: int | None, expect: int | None) -> None:
+def _check_expected(key: str, current: str | None, expect: str | None) -> None:
     if expect is None:
         return
     if (current is None) != (expect == ABSENT) or (current is not None and current != expect):
-        want = "no state" if expect == ABSENT else f"version {expect}"
-        have = "none" if current is None else f"version {current}"
+        want = "no state" if expect == ABSENT else f"revision {expect}"
+        have = "none" if current is None else f"revision {current}"
         raise VersionConflict(f"state {key[:12]}… changed: expected {want}, found {have}")
 
 
@@ -117,19 +125,19 @@ class MemoryBackend:
     shared = False
 
     def __init__(self) -> None:
-        self._data: dict[str, tuple[bytes, bytes, int]] = {}
+        self._data: dict[str, tuple[bytes, bytes, str]] = {}
         self._lock = threading.Lock()
 
-    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_revision: str | None = None) -> None:
         validate_storage_key(key)
         data, manifest = encode_snapshot(snapshot)
         blob = json.dumps(manifest).encode()  # store serialised: no shared mutable record
         with self._lock:
             item = self._data.get(key)
-            _check_expected(key, None if item is None else item[2], expect_version)
-            self._data[key] = (data, blob, record_version(snapshot.record))
+            _check_expected(key, None if item is None else item[2], expect_revision)
+            self._data[key] = (data, blob, record_revision(snapshot.record))
 
-    def version(self, key: str) -> int | None:
+    def revision(self, key: str) -> str | None:
         validate_storage_key(key)
         with self._lock:
             item = self._data.get(key)
@@ -157,11 +165,11 @@ class MemoryBackend:
         with self._lock:
             return key in self._data
 
-    def delete(self, key: str, expect_version: int | None = None) -> bool:
+    def delete(self, key: str, expect_revision: str | None = None) -> bool:
         validate_storage_key(key)
         with self._lock:
             item = self._data.get(key)
-            _check_expected(key, None if item is None else item[2], expect_version)
+            _check_expected(key, None if item is None else item[2], expect_revision)
             return self._data.pop(key, None) is not None
 
     def keys(self) -> list[str]:
@@ -265,14 +273,14 @@ class FilesystemBackend:
             if created_parent:
                 _fsync_dir(self.root)
 
-    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_revision: str | None = None) -> None:
         data, manifest = encode_snapshot(snapshot)
         d = self._dir(key)
         data_name = f"{_DATA_PREFIX}{uuid.uuid4().hex}{_DATA_SUFFIX}"
         pointer = json.dumps({"data_file": data_name, "manifest": manifest}, separators=(",", ":")).encode()
         with self._locks(key):
-            if expect_version is not None:
-                _check_expected(key, self._version_locked(d), expect_version)
+            if expect_revision is not None:
+                _check_expected(key, self._revision_locked(d), expect_revision)
             self._ensure_dir(d)
             self._write(d, data_name, data)
             self._write(d, _MANIFEST_FILE, pointer)  # the commit point
@@ -329,23 +337,23 @@ class FilesystemBackend:
             pointer = self._read_pointer(d)
         return None if pointer is None else validate_manifest(pointer["manifest"])
 
-    def _version_locked(self, d: Path) -> int | None:
+    def _revision_locked(self, d: Path) -> str | None:
         pointer = self._read_pointer(d)
-        return None if pointer is None else record_version(pointer["manifest"].get("record") or {})
+        return None if pointer is None else record_revision(pointer["manifest"].get("record") or {})
 
-    def version(self, key: str) -> int | None:
+    def revision(self, key: str) -> str | None:
         d = self._dir(key)
         with self._locks(key):
-            return self._version_locked(d)
+            return self._revision_locked(d)
 
     def contains(self, key: str) -> bool:
         return (self._dir(key) / _MANIFEST_FILE).is_file()
 
-    def delete(self, key: str, expect_version: int | None = None) -> bool:
+    def delete(self, key: str, expect_revision: str | None = None) -> bool:
         d = self._dir(key)
         with self._locks(key):
-            if expect_version is not None:
-                _check_expected(key, self._version_locked(d), expect_version)
+            if expect_revision is not None:
+                _check_expected(key, self._revision_locked(d), expect_revision)
             if not d.is_dir():
                 return False
             existed = (d / _MANIFEST_FILE).is_file()
@@ -420,7 +428,7 @@ class FilesystemBackend:
 class RedisBackend:
     """Snapshots in Redis, one hash per key ``<prefix><key>`` with fields ``manifest`` and ``data``.
 
-    Both fields and the record's ``version`` are written by one ``HSET`` (atomic in Redis), so a reader
+    Both fields and the record's ``version`` and ``revision`` are written by one ``HSET`` (atomic in Redis), so a reader
     sees the old pair or the new pair; a conditional put or delete runs as one Lua script (atomic
     compare-and-set), which makes replicas sharing the server safe without any lock service. "Durable on return" means acknowledged by the Redis server; surviving a Redis restart is
     Redis' own persistence configuration (AOF ``appendfsync always|everysec`` or RDB), to be set by the
@@ -448,6 +456,7 @@ class RedisBackend:
         self.prefix = prefix
         self._cas_put = client.register_script(_CAS_PUT)
         self._cas_delete = client.register_script(_CAS_DELETE)
+        self._current = client.register_script(_REVISION)
 
     shared = True   # other replicas write the same keys
 
@@ -457,24 +466,22 @@ class RedisBackend:
     def _rkey(self, key: str) -> str:
         return self.prefix + validate_storage_key(key)
 
-    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_revision: str | None = None) -> None:
         data, manifest = encode_snapshot(snapshot)
         blob = json.dumps(manifest, separators=(",", ":")).encode()
-        version = record_version(snapshot.record)
-        if expect_version is None:
-            self._client.hset(self._rkey(key), mapping={"manifest": blob, "data": data, "version": version})
+        fields = {"manifest": blob, "data": data, "version": int(snapshot.record.get("version", 0)),
+                  "revision": record_revision(snapshot.record)}
+        if expect_revision is None:
+            self._client.hset(self._rkey(key), mapping=fields)
             return
-        found = self._cas_put(keys=[self._rkey(key)], args=[expect_version, blob, data, version])
+        found = self._cas_put(keys=[self._rkey(key)], args=[expect_revision, blob, data, fields["version"],
+                                                            fields["revision"]])
         if found != b"ok" and found != "ok":
-            _check_expected(key, _found_version(found), expect_version)
+            _check_expected(key, _found_revision(found), expect_revision)
 
-    def version(self, key: str) -> int | None:
-        version, blob = self._client.hmget(self._rkey(key), ["version", "manifest"])
-        if version is not None:
-            return int(version)
-        if blob is None:
-            return None
-        return record_version(self._parse_manifest(key, blob).get("record") or {})   # written before versions
+    def revision(self, key: str) -> str | None:
+        found = self._current(keys=[self._rkey(key)])
+        return _found_revision(found)
 
     @staticmethod
     def _parse_manifest(key: str, blob: bytes) -> dict[str, Any]:
@@ -498,12 +505,12 @@ class RedisBackend:
     def contains(self, key: str) -> bool:
         return bool(self._client.exists(self._rkey(key)))
 
-    def delete(self, key: str, expect_version: int | None = None) -> bool:
-        if expect_version is None:
+    def delete(self, key: str, expect_revision: str | None = None) -> bool:
+        if expect_revision is None:
             return bool(self._client.delete(self._rkey(key)))
-        found = self._cas_delete(keys=[self._rkey(key)], args=[expect_version])
+        found = self._cas_delete(keys=[self._rkey(key)], args=[expect_revision])
         if found not in (b"ok", "ok"):
-            _check_expected(key, _found_version(found), expect_version)
+            _check_expected(key, _found_revision(found), expect_revision)
         return True
 
     def keys(self) -> list[str]:
@@ -529,34 +536,50 @@ class RedisBackend:
             pass
 
 
-# KEYS[1] the hash; ARGV[1] the expected version (-1: absent); the current version is the hash's
-# `version` field, or the manifest's record for states written before that field existed.
+# KEYS[1] the hash. Its revision is the `revision` field when that belongs to the `version` field
+# beside it (a replica of an older release writes `version` alone and leaves a stale `revision`),
+# else the version; states written before either field: from the manifest's record.
 _CURRENT = """
 local function current()
   if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-  local v = redis.call('HGET', KEYS[1], 'version')
-  if v then return tonumber(v) end
+  local f = redis.call('HMGET', KEYS[1], 'version', 'revision')
+  if f[1] then
+    if f[2] and string.sub(f[2], 1, string.len(f[1]) + 1) == f[1] .. '-' then return f[2] end
+    return f[1]
+  end
   local ok, m = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'manifest') or '')
-  if ok and type(m) == 'table' and type(m['record']) == 'table' then return tonumber(m['record']['version'] or 0) end
-  return -2
-end
-local cur = current()
-local want = tonumber(ARGV[1])
-if (want == -1 and cur ~= nil) or (want ~= -1 and cur ~= want) then
-  if cur == nil then return 'absent' end
-  return tostring(cur)
+  if ok and type(m) == 'table' and type(m['record']) == 'table' then
+    local r = m['record']
+    local v = string.format('%d', tonumber(r['version'] or 0) or 0)
+    if type(r['commit_id']) == 'string' and r['commit_id'] ~= '' then return v .. '-' .. r['commit_id'] end
+    return v
+  end
+  return '?'
 end
 """
-_CAS_PUT = _CURRENT + """
-redis.call('HSET', KEYS[1], 'manifest', ARGV[2], 'data', ARGV[3], 'version', ARGV[4])
+# ARGV[1] the expected revision ('<absent>': the key must not exist)
+_COMPARE = _CURRENT + """
+local cur = current()
+if (ARGV[1] == '<absent>' and cur ~= nil) or (ARGV[1] ~= '<absent>' and cur ~= ARGV[1]) then
+  if cur == nil then return '<absent>' end
+  return cur
+end
+"""
+_REVISION = _CURRENT + """
+local cur = current()
+if cur == nil then return '<absent>' end
+return cur
+"""
+_CAS_PUT = _COMPARE + """
+redis.call('HSET', KEYS[1], 'manifest', ARGV[2], 'data', ARGV[3], 'version', ARGV[4], 'revision', ARGV[5])
 return 'ok'
 """
-_CAS_DELETE = _CURRENT + """
+_CAS_DELETE = _COMPARE + """
 redis.call('DEL', KEYS[1])
 return 'ok'
 """
 
 
-def _found_version(found: Any) -> int | None:
+def _found_revision(found: Any) -> str | None:
     text = found.decode() if isinstance(found, bytes) else str(found)
-    return None if text == "absent" else int(text)
+    return None if text == ABSENT else text

@@ -15,10 +15,14 @@ Policy, and why:
   Entries that are not persisted (no backend, or ``write_through=False`` before :meth:`flush`) are
   never dropped: the host tier then grows past its capacity rather than losing data silently
   (``stats()["host_over_capacity"]`` shows it).
-- Replicas may share a backend (Redis): a ``shared`` backend's version is checked before a resident
-  copy is trusted (another replica may have committed since), and a commit names the version it
-  started from (``expect_version``), so the later of two racing commits fails with VersionConflict
-  and changes nothing.
+- Replicas may share a backend (Redis): a ``shared`` backend's revision (version and random commit
+  id, :func:`~.backends.record_revision`) is checked before a resident copy is trusted (another
+  replica may have committed since), and a commit names the revision it started from
+  (``expect_revision``), so the later of two racing commits fails with VersionConflict and changes
+  nothing.
+- A put whose backend call fails may still have landed (a reply lost after Redis ran the script, a
+  directory fsync failing after the rename): the stored revision is read back, so the caller learns
+  whether it committed (return), did not (PersistError), or cannot be told (CommitUnknown).
 - Thread-safe: one lock for the tier dictionaries (never held during backend I/O) plus striped
   per-key locks that order the I/O of one key (put/restore/delete of the same key never interleave).
 """
@@ -38,11 +42,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .backends import PersistentBackend, VersionConflict, record_version
+from .backends import PersistentBackend, VersionConflict, record_revision
 from .format import Snapshot, StateFormatError, check_expectations, validate_snapshot
 from .keys import validate_storage_key
 
-__all__ = ["PersistError", "TieredStateStore"]
+__all__ = ["CommitUnknown", "PersistError", "TieredStateStore"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,11 @@ class PersistError(RuntimeError):
     Raised by every store method that touches the backend; for ``put``/``delete`` nothing was changed
     in memory. The HTTP layer should answer 503. Corrupted data is a StateFormatError instead.
     """
+
+
+class CommitUnknown(PersistError):
+    """A put failed and its outcome could not be read back: the commit may or may not have landed.
+    The resident copy is dropped, so the next read asks the backend."""
 
 
 @contextlib.contextmanager
@@ -205,14 +214,14 @@ class TieredStateStore:
             self._c["evictions_host"] += 1
             events.append(("evict", {"key": k, "from": "host", "to": "persistent", "bytes": e.nbytes}))
 
-    def _persist(self, key: str, snap: Snapshot, events: list, expect_version: int | None = None) -> None:
+    def _persist(self, key: str, snap: Snapshot, events: list, expect_revision: str | None = None) -> None:
         assert self._backend is not None
         t0 = time.perf_counter()
         try:
-            if expect_version is None:
+            if expect_revision is None:
                 self._backend.put(key, snap)
             else:
-                self._backend.put(key, snap, expect_version=expect_version)
+                self._backend.put(key, snap, expect_revision=expect_revision)
         except (StateFormatError, VersionConflict):
             raise
         except Exception as exc:
@@ -228,6 +237,31 @@ class TieredStateStore:
             self._c["persists"] += 1
             self._last_persist_latency_s = dt
         events.append(("persist", {"key": key, "latency_s": dt, "bytes": snap.nbytes}))
+
+    def _read_back(self, key: str, snap: Snapshot, failure: PersistError) -> None:
+        """After a failed put: return when ``snap``'s revision is stored after all (the put landed),
+        else raise ``failure``, or CommitUnknown when the backend cannot say. A commit id never
+        repeats, so finding it stored proves this put wrote it."""
+        assert self._backend is not None
+        try:
+            with _backend_errors("reading back a failed commit", self._backend):
+                found = self._backend.revision(key)
+        except PersistError as exc:
+            self._forget(key)
+            raise CommitUnknown(f"{failure}; its outcome could not be read back: {exc}") from failure
+        if found == record_revision(snap.record):
+            log.warning("a commit reported a failure but landed (read back): %s", failure)
+            return
+        with self._lock:
+            entry = self._device.get(key) or self._host.get(key)
+        if entry is not None and record_revision(entry.snap.record) != found:
+            self._forget(key)
+        raise failure
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._device.pop(key, None)
+            self._host.pop(key, None)
 
     # ---------------------------------------------------------------------------------- API
 
@@ -274,30 +308,31 @@ class TieredStateStore:
         return None if snap is None else snap.copy(self.device)
 
     def _drop_if_stale(self, key: str) -> None:
-        """With a shared backend, forget a resident copy that is no longer the committed version."""
+        """With a shared backend, forget a resident copy that is no longer the committed revision."""
         if self._backend is None or not getattr(self._backend, "shared", False):
             return
         with self._lock:
             entry = self._device.get(key) or self._host.get(key)
         if entry is None or not entry.persisted:
             return
-        with _backend_errors("checking a session state's version", self._backend):
-            current = self._backend.version(key)
-        if current != record_version(entry.snap.record):
+        with _backend_errors("checking a session state's revision", self._backend):
+            current = self._backend.revision(key)
+        if current != record_revision(entry.snap.record):
             with self._lock:
                 for tier in (self._device, self._host):
                     if tier.get(key) is entry:
                         del tier[key]
                 self._c["stale_drops"] += 1
 
-    def put(self, key: str, snapshot: Snapshot, expect_version: int | None = None) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_revision: str | None = None) -> None:
         """Commit ``snapshot`` as ``key``'s state: persisted first (write-through), then resident.
 
-        ``expect_version``: commit only over that stored version (ABSENT: none), else
+        ``expect_revision``: commit only over that stored revision (ABSENT: none), else
         VersionConflict and nothing changes (the resident copy, now known stale, is dropped).
-        Raises StateFormatError (invalid/non-finite state), StateMismatchError (other adapter/shape)
-        or PersistError (backend failure; the previous committed state stays in place). The store
-        keeps its own copy, so the caller may reuse ``snapshot`` afterwards.
+        Raises StateFormatError (invalid/non-finite state), StateMismatchError (other adapter/shape),
+        PersistError (backend failure, nothing committed: the previous state stays in place) or
+        CommitUnknown (backend failure, outcome unknown). The store keeps its own copy, so the caller
+        may reuse ``snapshot`` afterwards.
         """
         validate_storage_key(key)
         validate_snapshot(snapshot)
@@ -308,28 +343,28 @@ class TieredStateStore:
             persisted = False
             if self._backend is not None and self._write_through:
                 try:
-                    self._persist(key, stored, events, expect_version)
+                    self._persist(key, stored, events, expect_revision)
                 except VersionConflict:
-                    with self._lock:
-                        self._device.pop(key, None)
-                        self._host.pop(key, None)
+                    self._forget(key)
                     raise
+                except PersistError as failure:
+                    self._read_back(key, stored, failure)
                 persisted = True
             with self._lock:
                 self._device.pop(key, None)
                 self._install_locked(key, _Entry(stored, persisted, stored.nbytes), events)
         self._emit(events)
 
-    def delete(self, key: str, expect_version: int | None = None) -> bool:
+    def delete(self, key: str, expect_revision: str | None = None) -> bool:
         """Remove ``key`` from every tier (backend first, so a failure leaves it fully present);
-        with ``expect_version``, only that version (VersionConflict otherwise)."""
+        with ``expect_revision``, only that revision (VersionConflict otherwise)."""
         validate_storage_key(key)
         with self._key_lock(key):
             removed = False
             if self._backend is not None:
                 with _backend_errors("deleting a session state", self._backend):
-                    removed = (self._backend.delete(key) if expect_version is None
-                               else self._backend.delete(key, expect_version=expect_version))
+                    removed = (self._backend.delete(key) if expect_revision is None
+                               else self._backend.delete(key, expect_revision=expect_revision))
             with self._lock:
                 removed = (self._device.pop(key, None) is not None) | removed
                 removed = (self._host.pop(key, None) is not None) | removed

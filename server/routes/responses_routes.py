@@ -39,12 +39,13 @@ async def _store_call(what: str, fn: Any, *args: Any) -> Any:
 
 
 async def _stored(ctx: AppContext, owner: str, response_id: str, param: str | None = None) -> dict[str, Any]:
-    """A stored response whose session still exists, else 404."""
+    """A stored response whose session is still the one it was written in, else 404."""
     doc = await _store_call("reading a response", ctx.responses.get, owner, response_id)
     sid = doc.get("session_id") if doc else None
-    if doc is not None and sid is not None and not await ctx.sessions.exists(owner, sid):  # type: ignore[union-attr]
-        await _store_call("deleting a response", ctx.responses.delete, owner, response_id)
-        doc = None   # its session was deleted or expired: the response went with it
+    if doc is not None and sid is not None:
+        incarnation = await ctx.sessions.incarnation(owner, sid)  # type: ignore[union-attr]
+        if incarnation is None or incarnation != doc.get("incarnation", incarnation):
+            doc = None   # its session expired, or was deleted (and perhaps created again): it went with it
     if doc is None:
         raise not_found(f"response {response_id!r} not found", param=param, code="response_not_found")
     return doc
@@ -61,6 +62,7 @@ class _Keeper:
         committing = turn.session is not None and turn.write
         document = {"response": _final(self.ctx, self.shape, turn, committing), "input_items": self.items,
                     "session_id": turn.session.session_id if turn.session else None,
+                    "incarnation": turn.session.record.incarnation if turn.session else None,
                     "written": committing}
         await _store_call("storing the response", self.ctx.responses.put, self.owner, self.shape.id, document)
         self.saved = True

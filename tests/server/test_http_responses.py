@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import typing
 
+import httpx
 import jsonschema
 import openai
 import pytest
 import torch
 from openai.types.responses import response_create_params as params
 
-from tests.server.conftest import assert_openai_error, export_state
+from delta_mem_vllm.state import FilesystemBackend
+from tests.server.conftest import ThreadServer, assert_openai_error, export_state, make_settings
 
 MAX = 6
 # `n` is bounded: an unbounded integer lets a sampled random model run its digits past the token limit
@@ -215,3 +217,52 @@ def test_every_client_field_is_honoured_or_refused_by_name(http):
 def test_the_openai_client_raises_for_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_does_not_exist")
+
+
+class _FailsAfterCommitPoint(FilesystemBackend):
+    """A real filesystem backend whose directory fsync after the manifest's rename fails (the new
+    manifest is in place: the commit landed); with `blind`, reading the outcome back fails too."""
+    armed = blind = False
+
+    def _write(self, d, name, payload):
+        super()._write(d, name, payload)
+        if self.armed and name == "manifest.json":
+            raise OSError(5, "Input/output error")
+
+    def revision(self, key):
+        if self.armed and self.blind:
+            raise OSError(5, "Input/output error")
+        return super().revision(key)
+
+
+def test_a_commit_that_landed_is_answered_as_committed_and_the_chain_goes_on(tiny_paths, tmp_path):
+    """The store fails after the commit point: the turn is answered 200 (its outcome read back), or,
+    when even that read fails, 503 `commit_unknown` with the stored response kept, so the chain
+    continues from it once the store is back, never 409 on a response that is 404."""
+    backend = _FailsAfterCommitPoint(tmp_path / "states")
+    srv = ThreadServer(make_settings(tiny_paths, tmp_path / "state"), backend=backend).start()
+    try:
+        http = httpx.Client(base_url=srv.url, timeout=120)
+        body = {"model": "tiny", "temperature": 0, "max_output_tokens": 3}
+        first = http.post("/v1/responses", json={**body, "input": "I am Ada."}).json()
+        backend.armed = True
+        second = http.post("/v1/responses", json={**body, "input": "I live in Lyon.",
+                                                  "previous_response_id": first["id"]})
+        assert second.status_code == 200, second.text
+        assert second.json()["delta_mem"]["version"] == 2
+        backend.blind = True
+        third = http.post("/v1/responses", json={**body, "input": "I have a cat.",
+                                                 "previous_response_id": second.json()["id"]})
+        assert_openai_error(third, 503, "commit_unknown")
+        backend.armed = backend.blind = False
+        sess = http.get(f"/v1/sessions/{first['id']}").json()
+        third_id = third.headers["x-response-id"]
+        assert sess["version"] == 3 and sess["last_response_id"] == third_id     # it had landed
+        assert third_id in third.json()["error"]["message"]
+        assert http.get(f"/v1/responses/{third_id}").status_code == 200
+        fourth = http.post("/v1/responses", json={**body, "input": "Where do I live?", "previous_response_id": third_id})
+        assert fourth.status_code == 200, fourth.text
+        assert fourth.json()["delta_mem"]["version"] == 4
+        http.close()
+    finally:
+        srv.stop()

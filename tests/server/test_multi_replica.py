@@ -260,3 +260,82 @@ def test_soak_many_sessions_across_replicas(cluster):
     print(f"\nsoak: {len(codes)} turns in {wall:.1f} s ({len(codes) / wall:.1f} turns/s), p50 {q[49] * 1000:.0f} ms, "
           f"p99 {q[98] * 1000:.0f} ms, {restores:.0f} restores")
     assert restores >= n_sessions      # two slots per replica: sessions come back from Redis
+
+
+def test_a_session_deleted_and_created_again_elsewhere_is_never_the_old_one(cluster):
+    """Versions repeat when an id is deleted and created again; a replica that still holds the old
+    session resident must neither serve it nor commit over the new one, and the old session's
+    stored responses go with it."""
+    a, b = cluster.http
+    assert turn(a, "again", "My name is Ada.").status_code == 200          # resident on A at version 1
+    old = session(a, "again")
+    assert b.delete("/v1/sessions/again").status_code == 200
+    assert turn(b, "again", "My name is Bob.").json()["delta_mem"]["version"] == 1
+    new = session(b, "again")
+    assert new["written_digest"] != old["written_digest"] and new["version"] == old["version"]
+    assert session(a, "again")["written_digest"] == new["written_digest"]
+    assert torch.equal(export_state(a, "again"), export_state(b, "again"))
+    assert turn(a, "again", "Who am I?").json()["delta_mem"]["version"] == 2   # continues Bob's memory
+    assert session(b, "again")["tokens_written"] > new["tokens_written"]
+    assert new["revision"] != old["revision"]
+
+    body = {"model": "tiny", "input": "I am Cy.", "max_output_tokens": 2, "session_id": "again-r"}
+    first = a.post("/v1/responses", json=body)
+    assert first.status_code == 200, first.text
+    rid = first.json()["id"]
+    assert b.get(f"/v1/responses/{rid}").status_code == 200
+    assert b.delete("/v1/sessions/again-r").status_code == 200
+    assert turn(b, "again-r", "I am Dan.").status_code == 200              # the id lives again
+    for http in (a, b):
+        assert http.get(f"/v1/responses/{rid}").status_code == 404
+    r = a.post("/v1/responses", json={"model": "tiny", "input": "Who?", "previous_response_id": rid})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
+
+
+@pytest.fixture
+def ttl_cluster(tiny_paths, tmp_path):
+    """Two replicas that sweep expired sessions four times a second."""
+    c = Cluster.__new__(Cluster)
+    c.tmp = tmp_path
+    c.redis = RedisServer(tmp_path / "redis").start()
+    c.args = _replica_args(tiny_paths[0], c.redis.url) + ["--ttl-sweep-interval", "0.25"]
+    c.replicas = [c.start(i) for i in range(2)]
+    c.http = [_client(r.url) for r in c.replicas]
+    yield c
+    c.close()
+
+
+def _long_turn(http: httpx.Client, session_id: str, tokens: int) -> tuple[float, list[str]]:
+    """A streamed turn of `tokens` tokens; (seconds, the SSE data lines)."""
+    body = {"model": "tiny", "session_id": session_id, "temperature": 0, "max_tokens": tokens,
+            "ignore_eos": True, "stream": True, "messages": [{"role": "user", "content": "Count."}]}
+    t0 = time.perf_counter()
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    return time.perf_counter() - t0, lines
+
+
+def test_ttl_expiry_never_races_a_turn_on_another_replica(ttl_cluster):
+    """A turn starts on B in the second half of its session's TTL and runs past it, while A sweeps
+    expired sessions: the turn commits (starting it counted as use), and once the session is idle
+    for a whole TTL both replicas answer 404."""
+    a, b = ttl_cluster.http
+    seconds, _ = _long_turn(b, "calibrate", 1500)
+    ttl = seconds / 0.7                        # the turn below lasts 0.7 TTL and starts at 0.6 TTL
+    assert a.post("/v1/sessions", json={"id": "ttl-s", "ttl": ttl}).status_code == 200
+    assert turn(a, "ttl-s", "Remember 7.").status_code == 200
+    committed = time.monotonic()
+    time.sleep(0.6 * ttl)
+    took, lines = _long_turn(b, "ttl-s", 1500)
+    assert time.monotonic() - committed > ttl + 0.5, "the turn did not outlive the TTL: the test proves nothing"
+    assert lines[-1] == "data: [DONE]" and '"error"' not in lines[-2], lines[-2][:300]
+    assert session(a, "ttl-s")["version"] == 2
+    import redis
+    states = redis.Redis.from_url(ttl_cluster.redis.url)
+    assert len(states.keys("mr:*")) == 2                  # ttl-s and calibrate
+    time.sleep(ttl + 1)
+    for http in (a, b):
+        assert http.get("/v1/sessions/ttl-s").status_code == 404
+    assert len(states.keys("mr:*")) == 1                  # swept: deleted, not only hidden
+    print(f"\nttl {ttl:.1f} s; a turn of {took:.1f} s started at {0.6 * ttl:.1f} s committed")

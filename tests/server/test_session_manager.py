@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from delta_mem_vllm.state import MemoryBackend, Snapshot, TieredStateStore, export_document
+from delta_mem_vllm.state import MemoryBackend, Snapshot, TieredStateStore, export_document, storage_key
 from server.engine.base import GenerationOutput
 from server.errors import APIError
 from server.prompt import ChatMessage
@@ -31,10 +31,10 @@ class FakeTokenizer:
 class FlakyBackend(MemoryBackend):
     fail = False
 
-    def put(self, key, snapshot, expect_version=None):
+    def put(self, key, snapshot, expect_revision=None):
         if self.fail:
             raise OSError("disk full")
-        super().put(key, snapshot, expect_version)
+        super().put(key, snapshot, expect_revision)
 
 
 class Clock:
@@ -250,9 +250,63 @@ def test_ttl_expiry_on_access_and_sweep():
         with pytest.raises(APIError) as e:
             await m.get("", "a")
         assert e.value.status == 404
+        assert m.store.contains(storage_key("", "a"))   # a read answers 404 and deletes nothing
         clock.t += 100
-        assert await m.sweep_expired() == 1   # b
-        assert (await m.list(""))[0] == []
+        assert await m.sweep_expired() == 2
+        assert (await m.list(""))[0] == [] and not m.store.keys()
+    run(go())
+
+
+def test_a_read_of_an_expired_session_never_takes_it_from_a_turn_in_flight():
+    """A turn outlives the session's TTL; a GET (or export, or fork) meanwhile answers 404 but must
+    not delete the session under it, so the turn commits and the memory is kept."""
+    async def go():
+        clock = Clock()
+        m = make(clock=clock, default_ttl=10)
+        turn = await m.begin_turn("", "s")
+        await turn.commit(output(torch.ones(SHAPE), [5, 6], [7]))
+        turn.release()
+        clock.t += 4
+        turn = await m.begin_turn("", "s")
+        turn.plan_text([8])
+        clock.t += 7
+        for read in (m.get("", "s"), m.export("", "s"), m.fork("", "s", "f")):
+            with pytest.raises(APIError) as e:
+                await read
+            assert e.value.status == 404
+        rec = await turn.commit(output(2 * torch.ones(SHAPE), [7, 8], [9]))
+        turn.release()
+        assert rec.version == 2 and rec.tokens_written == 4
+        got, state, _ = await m.get("", "s")
+        assert got.version == 2 and torch.equal(state, 2 * torch.ones(SHAPE))
+    run(go())
+
+
+def test_starting_a_turn_counts_as_use_and_expiry_deletes_only_what_it_saw():
+    """A turn started in the second half of the TTL records the use at once (same version, a new
+    revision), so a sweep that runs while the turn does leaves the session alone; a turn on a
+    session already expired starts a new one, and the old memory is deleted under the lock."""
+    async def go():
+        clock = Clock()
+        m = make(clock=clock, default_ttl=10)
+        turn = await m.begin_turn("", "s")
+        await turn.commit(output(torch.ones(SHAPE), [5], [6]))
+        turn.release()
+        first = (await m.get("", "s"))[0]
+        clock.t += 6                                 # past half the TTL
+        turn = await m.begin_turn("", "s", write=False)
+        touched = (await m.get("", "s"))[0]
+        assert touched.version == first.version and touched.revision != first.revision
+        assert touched.last_used_at == clock.t
+        clock.t += 6                                 # 12 s after the last commit, 6 s after the start
+        assert await m.sweep_expired() == 0
+        turn.release()
+        assert (await m.get("", "s"))[0].tokens_written == 1
+        clock.t += 11
+        turn = await m.begin_turn("", "s")
+        assert turn.record.version == 0 and turn.record.tokens_written == 0   # expired: a new session
+        assert turn.record.incarnation != first.incarnation
+        turn.release()
     run(go())
 
 
