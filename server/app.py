@@ -17,7 +17,7 @@ from server.errors import APIError, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.sessions import EngineIdentity, SessionManager
 from server.settings import Settings
-from server.response_store import ResponseStore, build_documents
+from server.response_store import ResponseStore
 from server.state_store import build_store
 
 log = logging.getLogger("deltamem.server")
@@ -109,7 +109,6 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
         store = build_store(settings, eng, on_event=metrics.on_store_event, backend=backend)
         metrics.attach_store(store.stats)
         ctx.engine, ctx.store = eng, store
-        ctx.responses = ResponseStore(build_documents(settings))
         await asyncio.to_thread(ctx.tool_parser)   # vLLM's parsers import vLLM: not on the first request
         ctx.sessions = SessionManager(
             store,
@@ -118,7 +117,10 @@ def create_app(settings: Settings, *, engine: Any = None, backend: Any = None) -
             auto_create=settings.auto_create_sessions, default_ttl=settings.session_ttl,
             wait_timeout=settings.session_wait_timeout, message_log_max=settings.message_log_max,
             keep_written_tokens=settings.record_written_tokens,
+            max_sessions_per_owner=settings.max_sessions_per_owner,
+            max_stored_bytes_per_owner=settings.max_stored_bytes_per_owner,
         )
+        ctx.responses = ResponseStore(store, ctx.sessions.quota)
         ctx.accepting = True
         sweeper = asyncio.create_task(_sweep_forever(ctx))
         log.info("ready: model %s, adapter %s…, state backend %s", eng.model_name, eng.adapter_fingerprint[:12],

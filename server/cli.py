@@ -72,6 +72,16 @@ def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     return str, {}
 
 
+def _add_flag(parser: argparse.ArgumentParser, name: str, field: Any) -> None:
+    typ, extra = _flag_type(field.annotation)
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(field), **extra}
+    if typ in (int, float) and type(None) in typing.get_args(field.annotation):
+        typ = str     # `none` is a value: the settings turn it into None, and check numbers
+    if typ is not None:
+        kwargs["type"] = typ
+    parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
 def _help(field: Any) -> str:
     """The field's description with its default, unless the description already says it."""
     text = field.description or ""
@@ -84,11 +94,7 @@ def _help(field: Any) -> str:
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
-        typ, extra = _flag_type(field.annotation)
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(field), **extra}
-        if typ is not None:
-            kwargs["type"] = typ
-        parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+        _add_flag(parser, name, field)
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:

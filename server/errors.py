@@ -19,7 +19,7 @@ log = logging.getLogger("deltamem.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable_error"}
+          429: "rate_limit_error", 503: "service_unavailable_error", 507: "insufficient_storage_error"}
 
 
 class APIError(Exception):

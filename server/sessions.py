@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -20,12 +20,15 @@ from delta_mem_vllm.state import (
     ABSENT,
     CommitUnknown,
     PersistError,
+    Quota,
+    QuotaExceeded,
     Snapshot,
     StateFormatError,
     StateMismatchError,
     VersionConflict,
     export_document,
     import_document,
+    quota_group,
     record_revision,
     storage_key,
     validate_session_id,
@@ -71,6 +74,16 @@ def state_error(exc: Exception, session_id: str) -> APIError:
         return conflict(f"the stored state of session {session_id!r} is corrupted and was rejected: {exc}. "
                         "Reset or delete the session to continue.", code="state_corrupted")
     return APIError(503, f"session store unavailable: {exc}", code="store_unavailable")
+
+
+def quota_error(exc: QuotaExceeded) -> APIError:
+    """429 for too many sessions, 507 for too many bytes: what the owner can do about it."""
+    if exc.kind == "states":
+        return APIError(429, f"{exc}: this API key holds {exc.limit} sessions, the most it may. Delete sessions "
+                             "(DELETE /v1/sessions/{id}) or let them expire, then retry.", code="session_quota_exceeded")
+    return APIError(507, f"{exc}: this API key's sessions and stored responses take all the storage it may use. "
+                         "Delete sessions or stored responses, then retry; nothing was committed.",
+                    code="storage_quota_exceeded")
 
 
 class _Lease:
@@ -138,6 +151,7 @@ class SessionTurn:
         self._new_system: list[str] = []
         self.tokens: TurnTokens | None = None
         self._base = record.revision            # the commit goes over exactly this stored revision
+        self._committing: asyncio.Future[None] | None = None
 
     @property
     def session_id(self) -> str:
@@ -187,19 +201,31 @@ class SessionTurn:
         rec.turns += 1
         rec.last_response_id = response_id
         state = output.final_state.detach().to(torch.float32).reshape(self._mgr.identity.state_shape)
-        task = asyncio.ensure_future(self._mgr._put(self.key, rec, state, expect=self._base))
-        await asyncio.shield(task)
+        self._committing = asyncio.ensure_future(self._mgr._put(self.key, rec, state, expect=self._base))
+        await asyncio.shield(self._committing)
         self.record = rec
         return rec
 
     def release(self) -> None:
+        """Let the next request on the session in: now, or, when a cancelled request's shielded
+        commit is still running, once it has landed (the next turn must start from it)."""
+        pending = self._committing
+        if pending is not None and not pending.done():
+            pending.add_done_callback(self._release_after)
+        else:
+            self._lease.release()
+
+    def _release_after(self, commit: asyncio.Future[None]) -> None:
+        if not commit.cancelled():
+            commit.exception()   # its request is gone: the outcome was logged by _put's callers or not at all
         self._lease.release()
 
 
 class SessionManager:
     def __init__(self, store: Any, identity: EngineIdentity, *, auto_create: bool = True,
                  default_ttl: float | None = None, wait_timeout: float = 30.0, message_log_max: int = 4096,
-                 keep_written_tokens: bool = False, clock: Callable[[], float] = time.time) -> None:
+                 keep_written_tokens: bool = False, max_sessions_per_owner: int | None = None,
+                 max_stored_bytes_per_owner: int | None = None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.identity = identity
         self.auto_create = auto_create
@@ -207,6 +233,8 @@ class SessionManager:
         self.wait_timeout = wait_timeout
         self.message_log_max = message_log_max
         self.keep_written_tokens = keep_written_tokens
+        self.max_sessions_per_owner = max_sessions_per_owner
+        self.max_stored_bytes_per_owner = max_stored_bytes_per_owner
         self.clock = clock
         self._locks = _KeyLocks()
 
@@ -215,11 +243,18 @@ class SessionManager:
         return Snapshot(state=state, record=rec.to_dict(), adapter_fingerprint=self.identity.adapter_fingerprint,
                         layer_names=list(self.identity.layer_names), model_fingerprint=self.identity.model_fingerprint)
 
+    def quota(self, owner: str) -> Quota:
+        """What an owner's sessions and stored responses count against."""
+        return Quota(quota_group(owner), self.max_sessions_per_owner, self.max_stored_bytes_per_owner)
+
     async def _put(self, key: str, rec: SessionRecord, state: torch.Tensor, expect: str | None = None) -> None:
         """Store a snapshot; with `expect`, only over that stored revision (ABSENT: a new session), else
         409: another replica sharing the store committed to this session first."""
         try:
-            await asyncio.to_thread(self.store.put, key, self._snapshot(rec, state), expect)
+            await asyncio.to_thread(self.store.put, key, self._snapshot(rec, state), expect, self.quota(rec.owner),
+                                    None if rec.ttl is None else rec.last_used_at + rec.ttl)
+        except QuotaExceeded as exc:
+            raise quota_error(exc) from exc
         except CommitUnknown as exc:
             raise APIError(503, f"the store failed while committing to session {rec.session_id!r} and its outcome "
                                 f"could not be read back: the turn may or may not be committed ({exc}). Read the "
@@ -355,9 +390,9 @@ class SessionManager:
         tier = await asyncio.to_thread(self.store.tier_of, key)
         return SessionRecord.from_dict(snap.record), snap.state, tier
 
-    def _records(self) -> Iterator[tuple[str, SessionRecord]]:
-        """Every readable session record in the store, without loading states (blocking I/O)."""
-        for key in self.store.keys():
+    def _records(self, keys: Iterable[str]) -> Iterator[tuple[str, SessionRecord]]:
+        """The readable session records of these keys, without loading states (blocking I/O)."""
+        for key in keys:
             try:
                 data = self.store.peek_record(key)
             except (StateFormatError, OSError):
@@ -370,10 +405,14 @@ class SessionManager:
         session: paging goes on from it even when that session was deleted meanwhile."""
         def scan() -> list[SessionRecord]:
             now = self.clock()
-            return [rec for _, rec in self._records() if rec.owner == owner and not rec.expired(now)
+            keys = self.store.group_keys(quota_group(owner))   # the owner's own index: no other tenant read
+            return [rec for _, rec in self._records(keys) if rec.owner == owner and not rec.expired(now)
                     and (after is None or rec.session_id > after)]
 
-        recs = sorted(await asyncio.to_thread(scan), key=lambda r: r.session_id)
+        try:
+            recs = sorted(await asyncio.to_thread(scan), key=lambda r: r.session_id)
+        except PersistError as exc:
+            raise APIError(503, f"session store unavailable: {exc}", code="store_unavailable") from exc
         return recs[:limit], len(recs) > limit
 
     async def state_problems(self, owner: str, records: Sequence[SessionRecord]) -> dict[str, APIError]:
@@ -535,8 +574,8 @@ class SessionManager:
     async def sweep_expired(self) -> int:
         """Delete expired sessions that are not in use; returns how many."""
         def expired_keys() -> list[str]:
-            now = self.clock()
-            return [key for key, rec in self._records() if rec.expired(now)]
+            now = self.clock()   # the expiry index names the candidates; each record decides
+            return [key for key, rec in self._records(self.store.expiring(now)) if rec.expired(now)]
 
         removed = 0
         for key in await asyncio.to_thread(expired_keys):

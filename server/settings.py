@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     # --- sessions ---------------------------------------------------------------------------------
     auto_create_sessions: bool = Field(True, description="create unknown session ids on first use (off: 404)")
     session_ttl: float | None = Field(None, gt=0, description="default idle TTL of a session in seconds (none: never expires)")
+    responses_session_ttl: float | None = Field(
+        30 * 86400, gt=0, description="idle TTL of the session a Responses API chain creates for itself, and so of "
+                                      "its stored responses (default 30 days; none: never expires)")
+    max_sessions_per_owner: int | None = Field(None, ge=1, description="sessions an owner (API key) may hold; "
+                                                                       "beyond: 429 (none: no limit)")
+    max_stored_bytes_per_owner: int | None = Field(None, ge=1, description="bytes an owner's sessions and stored "
+                                                                           "responses may take; beyond: 507 (none: no limit)")
     ttl_sweep_interval: float = Field(60.0, gt=0, description="seconds between TTL sweeps")
     session_wait_timeout: float = Field(30.0, ge=0, description="how long a request waits for its session's previous turn before 409")
     message_log_max: int = Field(4096, ge=1, description="message-log entries kept per session (matching window for resent history)")
@@ -91,6 +98,13 @@ class Settings(BaseSettings):
         if not path.is_file():
             raise ValueError(f"chat template {v!r} is neither a file nor a Jinja template")
         return path.read_text(encoding="utf-8")
+
+    @field_validator("session_ttl", "responses_session_ttl", "max_sessions_per_owner", "max_stored_bytes_per_owner",
+                     mode="before")
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        """`none` (a flag or the environment) turns a limit off."""
+        return None if isinstance(v, str) and v.strip().lower() in ("none", "") else v
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from server.settings import Settings
 
 def build_backend(settings: Settings) -> Any:
     if settings.state_backend == "filesystem":
-        return FilesystemBackend(settings.state_dir)
+        return FilesystemBackend(settings.state_dir, exclusive=True)
     if settings.state_backend == "redis":
         if not settings.redis_url:
             raise ValueError("--state-backend redis needs --redis-url (or DELTAMEM_REDIS_URL)")

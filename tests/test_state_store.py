@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,6 +24,8 @@ from delta_mem_vllm.state import (
     FilesystemBackend,
     MemoryBackend,
     PersistError,
+    Quota,
+    QuotaExceeded,
     RedisBackend,
     Snapshot,
     StateFormatError,
@@ -299,7 +302,8 @@ def test_redis_store_and_ping_false_after_stop(tmp_path: Path) -> None:
                  lambda: store.delete(key(2))):
         with pytest.raises(PersistError):  # backend down → one error type (HTTP 503), never a bare redis error
             call()
-    assert store.tier_of(key(2)) == "device"  # the failed delete removed nothing
+    stats = store.stats()   # the failed delete removed nothing (tier_of itself asks the backend: it is down)
+    assert stats["deletes"] == 0 and stats["device_resident"] + stats["host_resident"] == 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,10 +460,10 @@ class FlakyBackend(MemoryBackend):
         super().__init__()
         self.fail = False
 
-    def put(self, key: str, snapshot: Snapshot) -> None:
+    def put(self, key: str, snapshot: Snapshot, *args, **kwargs) -> None:
         if self.fail:
             raise OSError("disk full")
-        super().put(key, snapshot)
+        super().put(key, snapshot, *args, **kwargs)
 
 
 def test_persist_failure_commits_nothing() -> None:
@@ -623,8 +627,8 @@ def _lands_then_fails(backend, *, unreadable: bool = False):
     script ran), and with `unreadable` the read-back fails too. Armed by setting `.armed`."""
     put, revision = backend.put, backend.revision
 
-    def failing_put(key, snapshot, expect_revision=None):
-        put(key, snapshot, expect_revision)
+    def failing_put(key, snapshot, *args, **kwargs):
+        put(key, snapshot, *args, **kwargs)
         if backend.armed:
             raise ConnectionError("connection lost after the write")
 
@@ -669,15 +673,6 @@ def test_a_commit_that_landed_despite_an_error_is_reported_committed(kind, tmp_p
             srv.stop()
 
 
-class _Refusing(MemoryBackend):
-    fail = False
-
-    def put(self, key, snapshot, expect_revision=None):
-        if self.fail:
-            raise OSError(28, "No space left on device")
-        super().put(key, snapshot, expect_revision)
-
-
 def test_a_commit_whose_outcome_cannot_be_read_back_is_unknown_and_one_that_failed_is_not():
     be = _lands_then_fails(MemoryBackend(), unreadable=True)
     store = TieredStateStore(be)
@@ -689,7 +684,7 @@ def test_a_commit_whose_outcome_cannot_be_read_back_is_unknown_and_one_that_fail
     assert store.tier_of(key(0)) == "persistent"          # the resident copy is no longer trusted
     assert same(store.get(key(0)), snap(2.0, version=2, commit="c2"))   # it had landed
 
-    refusing = _Refusing()
+    refusing = FlakyBackend()
     store = TieredStateStore(refusing)
     store.put(key(0), snap(1.0, version=1, commit="c1"), expect_revision=ABSENT)
     refusing.fail = True
@@ -697,3 +692,123 @@ def test_a_commit_whose_outcome_cannot_be_read_back_is_unknown_and_one_that_fail
         store.put(key(0), snap(2.0, version=2, commit="c2"), expect_revision="1-c1")
     assert not isinstance(e.value, CommitUnknown)
     assert store.tier_of(key(0)) == "device" and same(store.get(key(0)), snap(1.0, version=1, commit="c1"))
+
+
+def doc_name(i: int) -> str:
+    return f"{i:064x}"
+
+
+def test_documents_go_with_their_state_and_every_byte_is_counted(any_backend, tmp_path):
+    be = any_backend
+    q = Quota("alice")
+    be.put(key(0), snap(1.0, version=0, commit="c0"), expect_revision=ABSENT, quota=q)
+    first = be.usage("alice")[1]
+    be.put(key(1), snap(1.0, version=0, commit="c0"), expect_revision=ABSENT, quota=q)
+    states, state_bytes = be.usage("alice")
+    assert states == 2 and first > 4 * 8 * 8 * 4                  # a state of 4x8x8 fp32 and its manifest
+    be.put_document(key(0), doc_name(1), b"x" * 1000, q)
+    be.put_document(key(0), doc_name(2), b"y" * 500, q)
+    be.put_document(key(1), doc_name(3), b"z" * 100, q)
+    assert be.usage("alice") == (2, state_bytes + 1600)
+    assert be.get_document(doc_name(1)) == b"x" * 1000 and be.get_document(doc_name(9)) is None
+    be.put_document(key(0), doc_name(2), b"w" * 200, q)             # replaced: counted once
+    assert be.usage("alice") == (2, state_bytes + 1300)
+    assert be.delete_document(key(0), doc_name(2)) and not be.delete_document(key(0), doc_name(2))
+    assert be.usage("alice") == (2, state_bytes + 1100)
+    with pytest.raises(VersionConflict):
+        be.put_document(key(7), doc_name(4), b"orphan", q)            # no such state
+    be.put(key(0), snap(2.0, version=1, commit="c1"), expect_revision="0-c0", quota=q)
+    assert be.usage("alice")[0] == 2 and abs(be.usage("alice")[1] - state_bytes - 1100) < 16   # the new manifest
+    assert be.delete(key(0), expect_revision="1-c1")
+    assert be.get_document(doc_name(1)) is None                      # deleted with its state
+    assert be.usage("alice") == (1, state_bytes - first + 100)
+    assert be.delete(key(1)) and be.get_document(doc_name(3)) is None
+    assert be.usage("alice") == (0, 0) and be.usage("bob") == (0, 0)
+
+
+def test_quotas_refuse_a_write_and_change_nothing(any_backend):
+    be = any_backend
+    small = snap(1.0, version=0, commit="c0")
+    be.put(key(0), small, expect_revision=ABSENT, quota=Quota("alice", max_states=2))
+    one_state = be.usage("alice")[1]
+    be.put(key(1), small, expect_revision=ABSENT, quota=Quota("alice", max_states=2))
+    with pytest.raises(QuotaExceeded) as e:
+        be.put(key(2), small, expect_revision=ABSENT, quota=Quota("alice", max_states=2))
+    assert e.value.kind == "states" and e.value.limit == 2 and not be.contains(key(2))
+    be.put(key(2), small, expect_revision=ABSENT, quota=Quota("bob", max_states=2))   # another group
+    be.put(key(0), snap(2.0, version=1, commit="c1"), expect_revision="0-c0", quota=Quota("alice"))
+    used = be.usage("alice")[1]
+    assert abs(used - 2 * one_state) < 16
+    q = Quota("alice", max_bytes=used + 100)
+    with pytest.raises(QuotaExceeded) as e:
+        be.put_document(key(0), doc_name(1), b"x" * 101, q)
+    assert e.value.kind == "bytes" and be.get_document(doc_name(1)) is None
+    be.put_document(key(0), doc_name(1), b"x" * 100, q)
+    with pytest.raises(QuotaExceeded):
+        be.put(key(0), snap(3.0, version=2, commit="c2", layers=5), expect_revision="1-c1", quota=q)   # grows
+    assert be.revision(key(0)) == "1-c1"
+    assert be.usage("alice") == (2, used + 100)
+    assert be.delete(key(1))
+    be.put(key(0), snap(3.0, version=2, commit="c2", layers=5), expect_revision="1-c1", quota=q)
+
+
+def test_filesystem_usage_is_counted_again_on_start_and_dangling_index_entries_go(tmp_path):
+    be = FilesystemBackend(tmp_path / "fs")
+    q = Quota("alice")
+    be.put(key(0), snap(1.0, version=0, commit="c0"), expect_revision=ABSENT, quota=q)
+    be.put_document(key(0), doc_name(1), b"x" * 10, q)
+    be.put(key(1), snap(1.0, version=0, commit="c0"))                  # no group
+    used = be.usage("alice")
+    again = FilesystemBackend(tmp_path / "fs")
+    assert again.usage("alice") == used and again.usage("")[0] == 1
+    again.put(key(1), snap(2.0, version=1, commit="c1"), quota=q)      # joins the writer's group
+    assert again.usage("alice")[0] == 2 and again.usage("") == (0, 0)
+    shutil.rmtree(tmp_path / "fs" / key(0)[:2] / key(0))                # the state vanished under its document
+    third = FilesystemBackend(tmp_path / "fs")
+    assert third.get_document(doc_name(1)) is None
+    assert not (tmp_path / "fs" / "documents" / doc_name(1)[:2] / doc_name(1)).exists()
+
+
+def test_group_and_expiry_indexes(any_backend):
+    be = any_backend
+    be.put(key(0), snap(1.0, version=0, commit="a"), expect_revision=ABSENT, quota=Quota("alice"), expires_at=100.0)
+    be.put(key(1), snap(1.0, version=0, commit="a"), expect_revision=ABSENT, quota=Quota("alice"))
+    be.put(key(2), snap(1.0, version=0, commit="a"), expect_revision=ABSENT, quota=Quota("bob"), expires_at=50.0)
+    assert be.group_keys("alice") == sorted([key(0), key(1)]) and be.group_keys("bob") == [key(2)]
+    assert be.expiring(60.0) == [key(2)] and be.expiring(100.0) == sorted([key(0), key(2)])
+    be.put(key(0), snap(2.0, version=1, commit="b"), expect_revision="0-a", quota=Quota("alice"), expires_at=200.0)
+    be.put(key(2), snap(2.0, version=1, commit="b"), expect_revision="0-a", quota=Quota("bob"))   # no TTL now
+    assert be.expiring(150.0) == [] and be.expiring(200.0) == [key(0)]
+    assert be.delete(key(0))
+    assert be.group_keys("alice") == [key(1)] and be.expiring(1e9) == []
+
+
+def test_a_resident_copy_deleted_elsewhere_is_not_reported_stored(tmp_path):
+    if redis_server_binary() is None:
+        pytest.skip("redis-server binary not found (apt-get install redis-server)")
+    srv = RedisServer(tmp_path / "r").start()
+    try:
+        a, b = (TieredStateStore(RedisBackend(srv.url)) for _ in range(2))
+        a.put(key(0), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
+        assert a.tier_of(key(0)) == "device"
+        assert b.delete(key(0))
+        assert a.tier_of(key(0)) is None and not a.contains(key(0))
+    finally:
+        srv.stop()
+
+
+def test_filesystem_leftovers_of_documents_go_on_start_and_a_root_has_one_server(tmp_path):
+    be = FilesystemBackend(tmp_path / "fs", exclusive=True)
+    be.put(key(0), snap(1.0, version=0, commit="a"), quota=Quota("alice"))
+    be.put_document(key(0), doc_name(1), b"doc", Quota("alice"))
+    state_dir = tmp_path / "fs" / key(0)[:2] / key(0)
+    index_dir = tmp_path / "fs" / "documents" / doc_name(1)[:2]
+    (state_dir / ".tmp-crashed").write_bytes(b"half a document")     # a crash mid-write, in both places
+    (index_dir / ".tmp-crashed").write_bytes(b"half an index entry")
+    with pytest.raises(RuntimeError, match="in use by another process"):
+        FilesystemBackend(tmp_path / "fs", exclusive=True)
+    be.close()
+    again = FilesystemBackend(tmp_path / "fs", exclusive=True)
+    assert not (state_dir / ".tmp-crashed").exists() and not (index_dir / ".tmp-crashed").exists()
+    assert again.get_document(doc_name(1)) == b"doc"
+    again.close()

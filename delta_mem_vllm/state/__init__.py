@@ -9,6 +9,8 @@ from .backends import (
     FilesystemBackend,
     MemoryBackend,
     PersistentBackend,
+    Quota,
+    QuotaExceeded,
     RedisBackend,
     VersionConflict,
     record_revision,
@@ -23,7 +25,7 @@ from .format import (
     export_document,
     import_document,
 )
-from .keys import SESSION_ID_PATTERN, storage_key, validate_session_id, validate_storage_key
+from .keys import SESSION_ID_PATTERN, quota_group, storage_key, validate_session_id, validate_storage_key
 from .store import CommitUnknown, PersistError, TieredStateStore
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "MemoryBackend",
     "PersistError",
     "PersistentBackend",
+    "Quota",
+    "QuotaExceeded",
     "RedisBackend",
     "Snapshot",
     "StateFormatError",
@@ -45,6 +49,7 @@ __all__ = [
     "encode_snapshot",
     "export_document",
     "import_document",
+    "quota_group",
     "record_revision",
     "storage_key",
     "validate_session_id",

@@ -16,11 +16,13 @@ STORAGE_KEY_PATTERN = r"^[0-9a-f]{64}$"
 _SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 _STORAGE_KEY_RE = re.compile(STORAGE_KEY_PATTERN)
 _KEY_DOMAIN = "delta-mem-session-v1"
+_GROUP_DOMAIN = "delta-mem-owner-v1"
 
 __all__ = [
     "SESSION_ID_PATTERN",
     "STORAGE_KEY_PATTERN",
     "is_storage_key",
+    "quota_group",
     "storage_key",
     "validate_session_id",
     "validate_storage_key",
@@ -47,6 +49,12 @@ def storage_key(owner: str | None, session_id: str) -> str:
         raise ValueError(f"owner must be a string or None, got {type(owner).__name__}")
     payload = json.dumps([_KEY_DOMAIN, owner, session_id], ensure_ascii=True, separators=(",", ":"))
     return hashlib.sha256(payload.encode("ascii")).hexdigest()
+
+
+def quota_group(owner: str | None) -> str:
+    """The quota group of an owner: a digest, so an API key never appears in a store key."""
+    payload = json.dumps([_GROUP_DOMAIN, owner], ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("ascii")).hexdigest()[:32]
 
 
 def is_storage_key(key: object) -> bool:

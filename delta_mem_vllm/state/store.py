@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .backends import PersistentBackend, VersionConflict, record_revision
+from .backends import PersistentBackend, Quota, QuotaExceeded, VersionConflict, record_revision
 from .format import Snapshot, StateFormatError, check_expectations, validate_snapshot
 from .keys import validate_storage_key
 
@@ -70,7 +70,7 @@ class CommitUnknown(PersistError):
 def _backend_errors(what: str, backend: Any) -> Iterator[None]:
     try:
         yield
-    except (StateFormatError, ValueError, PersistError, VersionConflict):
+    except (StateFormatError, ValueError, PersistError, VersionConflict, QuotaExceeded):
         raise  # StateFormatError is a ValueError; ValueError = invalid key (a caller bug)
     except Exception as exc:
         raise PersistError(f"{what} via {backend!r} failed: {exc}") from exc
@@ -214,15 +214,13 @@ class TieredStateStore:
             self._c["evictions_host"] += 1
             events.append(("evict", {"key": k, "from": "host", "to": "persistent", "bytes": e.nbytes}))
 
-    def _persist(self, key: str, snap: Snapshot, events: list, expect_revision: str | None = None) -> None:
+    def _persist(self, key: str, snap: Snapshot, events: list, expect_revision: str | None = None,
+                 quota: Quota | None = None, expires_at: float | None = None) -> None:
         assert self._backend is not None
         t0 = time.perf_counter()
         try:
-            if expect_revision is None:
-                self._backend.put(key, snap)
-            else:
-                self._backend.put(key, snap, expect_revision=expect_revision)
-        except (StateFormatError, VersionConflict):
+            self._backend.put(key, snap, expect_revision=expect_revision, quota=quota, expires_at=expires_at)
+        except (StateFormatError, VersionConflict, QuotaExceeded):
             raise
         except Exception as exc:
             dt = time.perf_counter() - t0
@@ -324,11 +322,14 @@ class TieredStateStore:
                         del tier[key]
                 self._c["stale_drops"] += 1
 
-    def put(self, key: str, snapshot: Snapshot, expect_revision: str | None = None) -> None:
+    def put(self, key: str, snapshot: Snapshot, expect_revision: str | None = None,
+            quota: Quota | None = None, expires_at: float | None = None) -> None:
         """Commit ``snapshot`` as ``key``'s state: persisted first (write-through), then resident.
 
         ``expect_revision``: commit only over that stored revision (ABSENT: none), else
         VersionConflict and nothing changes (the resident copy, now known stale, is dropped).
+        ``quota``: within its group's limits, else QuotaExceeded and nothing changes. ``expires_at``:
+        when :meth:`expiring` lists the key (None: never).
         Raises StateFormatError (invalid/non-finite state), StateMismatchError (other adapter/shape),
         PersistError (backend failure, nothing committed: the previous state stays in place) or
         CommitUnknown (backend failure, outcome unknown). The store keeps its own copy, so the caller
@@ -343,7 +344,7 @@ class TieredStateStore:
             persisted = False
             if self._backend is not None and self._write_through:
                 try:
-                    self._persist(key, stored, events, expect_revision)
+                    self._persist(key, stored, events, expect_revision, quota, expires_at)
                 except VersionConflict:
                     self._forget(key)
                     raise
@@ -374,9 +375,51 @@ class TieredStateStore:
             self._emit([("delete", {"key": key})])
         return removed
 
+    def put_document(self, key: str, name: str, blob: bytes, quota: Quota | None = None) -> None:
+        """Attach document ``name`` to the stored state ``key`` (deleted with it); VersionConflict when
+        that state does not exist, QuotaExceeded past ``quota``'s bytes."""
+        backend = self._require_backend()
+        with self._key_lock(key), _backend_errors("storing a document", backend):
+            backend.put_document(key, name, blob, quota)
+
+    def get_document(self, name: str) -> bytes | None:
+        backend = self._require_backend()
+        with _backend_errors("reading a document", backend):
+            return backend.get_document(name)
+
+    def delete_document(self, key: str, name: str) -> bool:
+        backend = self._require_backend()
+        with self._key_lock(key), _backend_errors("deleting a document", backend):
+            return backend.delete_document(key, name)
+
+    def usage(self, group: str) -> tuple[int, int]:
+        """(states, bytes) the backend holds for a quota group."""
+        backend = self._require_backend()
+        with _backend_errors("reading usage", backend):
+            return backend.usage(group)
+
+    def group_keys(self, group: str) -> list[str]:
+        """The keys of a quota group, from the backend's index."""
+        backend = self._require_backend()
+        with _backend_errors("listing a group's states", backend):
+            return backend.group_keys(group)
+
+    def expiring(self, until: float) -> list[str]:
+        """The keys filed to expire at or before ``until``, from the backend's index."""
+        backend = self._require_backend()
+        with _backend_errors("listing expiring states", backend):
+            return backend.expiring(until)
+
+    def _require_backend(self) -> PersistentBackend:
+        if self._backend is None:
+            raise RuntimeError("documents and quotas need a persistent backend")
+        return self._backend
+
     def tier_of(self, key: str) -> str | None:
-        """``"device"``, ``"host"``, ``"persistent"`` or None (does not promote)."""
+        """``"device"``, ``"host"``, ``"persistent"`` or None (does not promote; a resident copy that
+        another replica replaced or deleted is dropped first)."""
         validate_storage_key(key)
+        self._drop_if_stale(key)
         with self._lock:
             if key in self._device:
                 return "device"

@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from delta_mem_vllm.state import QuotaExceeded, VersionConflict
 from server.context import AppContext, ctx_of, owner_of
 from server.engine.base import EngineError
 from server.errors import APIError, bad_request, conflict, not_found
@@ -26,7 +27,7 @@ from server.responses_schema import ResponseRequest
 from server.routes.turns import (TurnStream, chat_plan, chat_tools, drain, engine_error, merged, prepare,
                                  refuse_surely_too_long, resolve_session, session_headers, until_disconnect,
                                  with_session_header)
-from server.sessions import SessionTurn
+from server.sessions import SessionTurn, quota_error
 
 router = APIRouter()
 
@@ -34,6 +35,10 @@ router = APIRouter()
 async def _store_call(what: str, fn: Any, *args: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args)
+    except QuotaExceeded as exc:
+        raise quota_error(exc) from exc
+    except VersionConflict as exc:
+        raise conflict(f"the session was deleted while {what}: {exc}", code="session_conflict") from exc
     except Exception as exc:  # noqa: BLE001 - an unreachable store is the client's 503, not a 500
         raise APIError(503, f"response store unavailable while {what}: {exc}", code="store_unavailable") from exc
 
@@ -56,20 +61,21 @@ class _Keeper:
 
     def __init__(self, ctx: AppContext, owner: str, shape: ResponseShape, items: list[dict[str, Any]]) -> None:
         self.ctx, self.owner, self.shape, self.items = ctx, owner, shape, items
-        self.saved = False
+        self.saved_in: str | None = None    # the session it was stored with
 
     async def save(self, turn: Turn) -> None:
-        committing = turn.session is not None and turn.write
+        assert turn.session is not None   # store: true always has a session (named, or the chain's own)
+        committing = turn.write
         document = {"response": _final(self.ctx, self.shape, turn, committing), "input_items": self.items,
-                    "session_id": turn.session.session_id if turn.session else None,
-                    "incarnation": turn.session.record.incarnation if turn.session else None,
+                    "session_id": turn.session.session_id, "incarnation": turn.session.record.incarnation,
                     "written": committing}
         await _store_call("storing the response", self.ctx.responses.put, self.owner, self.shape.id, document)
-        self.saved = True
+        self.saved_in = turn.session.session_id
 
     async def discard(self) -> None:
-        if self.saved:
-            await _store_call("removing a response", self.ctx.responses.delete, self.owner, self.shape.id)
+        if self.saved_in is not None:
+            await _store_call("removing a response", self.ctx.responses.delete, self.owner, self.shape.id,
+                              self.saved_in)
 
 
 def _logprobs(ctx: AppContext, turn: Turn) -> list[dict[str, Any]] | None:
@@ -117,7 +123,7 @@ async def create_response(body: ResponseRequest, request: Request, owner: str = 
                               code="session_id_conflict")
     elif sid is None and body.store:
         sid = response_id          # a new chain: its session is named after its first response
-        await ctx.sessions.create(owner, sid)  # type: ignore[union-attr]
+        await ctx.sessions.create(owner, sid, ttl=ctx.settings.responses_session_ttl)  # type: ignore[union-attr]
         try:
             return await with_session_header(sid, _respond(ctx, request, owner, body, model, sid, response_id))
         except BaseException:      # refused before it ran: no empty session left behind
@@ -219,6 +225,6 @@ async def delete_response(response_id: str, request: Request, owner: str = Depen
     """Forgets the stored response; the session memory it wrote stays (delete the session for that)."""
     ctx = ctx_of(request)
     ctx.require_ready()
-    await _stored(ctx, owner, response_id)
-    await _store_call("deleting a response", ctx.responses.delete, owner, response_id)
+    doc = await _stored(ctx, owner, response_id)
+    await _store_call("deleting a response", ctx.responses.delete, owner, response_id, doc["session_id"])
     return {"id": response_id, "object": "response.deleted", "deleted": True}

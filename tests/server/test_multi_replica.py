@@ -18,6 +18,7 @@ import httpx
 import pytest
 import torch
 
+from delta_mem_vllm.state.keys import is_storage_key
 from tests.redis_server import RedisServer, redis_server_binary
 from tests.server.conftest import ProcServer, export_state
 
@@ -278,6 +279,10 @@ def test_a_session_deleted_and_created_again_elsewhere_is_never_the_old_one(clus
     assert turn(a, "again", "Who am I?").json()["delta_mem"]["version"] == 2   # continues Bob's memory
     assert session(b, "again")["tokens_written"] > new["tokens_written"]
     assert new["revision"] != old["revision"]
+    assert turn(a, "gone", "I am Eve.").status_code == 200                # resident on A
+    assert b.delete("/v1/sessions/gone").status_code == 200
+    assert a.post("/v1/sessions/gone/reset").status_code == 404          # not brought back by a reset
+    assert a.get("/v1/sessions/gone").status_code == 404
 
     body = {"model": "tiny", "input": "I am Cy.", "max_output_tokens": 2, "session_id": "again-r"}
     first = a.post("/v1/responses", json=body)
@@ -332,10 +337,60 @@ def test_ttl_expiry_never_races_a_turn_on_another_replica(ttl_cluster):
     assert lines[-1] == "data: [DONE]" and '"error"' not in lines[-2], lines[-2][:300]
     assert session(a, "ttl-s")["version"] == 2
     import redis
-    states = redis.Redis.from_url(ttl_cluster.redis.url)
-    assert len(states.keys("mr:*")) == 2                  # ttl-s and calibrate
+    store = redis.Redis.from_url(ttl_cluster.redis.url)
+
+    def states() -> int:
+        return sum(is_storage_key(k.decode()[len("mr:"):]) for k in store.keys("mr:*"))
+
+    assert states() == 2                                  # ttl-s and calibrate
     time.sleep(ttl + 1)
     for http in (a, b):
         assert http.get("/v1/sessions/ttl-s").status_code == 404
-    assert len(states.keys("mr:*")) == 1                  # swept: deleted, not only hidden
+    assert states() == 1                                  # swept: deleted, not only hidden
     print(f"\nttl {ttl:.1f} s; a turn of {took:.1f} s started at {0.6 * ttl:.1f} s committed")
+
+
+@pytest.fixture
+def quota_cluster(tiny_paths, tmp_path):
+    """Two replicas on one Redis with a limit of four sessions per API key."""
+    c = Cluster.__new__(Cluster)
+    c.tmp = tmp_path
+    c.redis = RedisServer(tmp_path / "redis").start()
+    c.args = _replica_args(tiny_paths[0], c.redis.url) + ["--max-sessions-per-owner", "4"]
+    c.replicas = [c.start(i) for i in range(2)]
+    c.http = [_client(r.url) for r in c.replicas]
+    yield c
+    c.close()
+
+
+def test_per_owner_limits_hold_across_replicas_and_responses_go_with_their_session(quota_cluster):
+    """Twelve sessions created at once over both replicas under a limit of four: exactly four exist,
+    the others are 429 and left nothing; another key has its own four. A stored response lives in
+    Redis only as long as its session: deleting the session on the other replica removes it."""
+    import redis
+    a, b = quota_cluster.http
+
+    def create(i: int) -> httpx.Response:
+        return quota_cluster.http[i % 2].post("/v1/sessions", json={"id": f"q-{i}"})
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        codes = [r.status_code for r in pool.map(create, range(12))]
+    assert sorted(codes) == [200] * 4 + [429] * 8, codes
+    refused = create(codes.index(429))
+    assert refused.json()["error"]["code"] == "session_quota_exceeded", refused.text
+    listed = a.get("/v1/sessions").json()["data"]
+    assert len(listed) == 4
+    other = _client(quota_cluster.replicas[1].url, "key-2")
+    assert all(other.post("/v1/sessions", json={"id": f"o-{i}"}).status_code == 200 for i in range(4))
+    assert turn(a, "q-new", "hello").status_code == 429               # an implicit creation counts too
+    assert b.delete(f"/v1/sessions/{listed[0]['id']}").status_code == 200
+    first = a.post("/v1/responses", json={"model": "tiny", "input": "I am Ada.", "max_output_tokens": 2})
+    assert first.status_code == 200, first.text
+    chain = first.json()["id"]
+    assert session(b, chain)["ttl"] == 30 * 86400                       # a chain's own session expires
+    store = redis.Redis.from_url(quota_cluster.redis.url)
+    assert store.exists(*[k for k in store.keys("mr:response:*")]) == 1
+    assert b.delete(f"/v1/sessions/{chain}").status_code == 200
+    assert store.keys("mr:response:*") == [] and store.keys("mr:docs:*") == []
+    assert a.post("/v1/sessions", json={"id": "q-again"}).status_code == 200
+    other.close()

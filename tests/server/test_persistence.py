@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from delta_mem_vllm.state import FilesystemBackend, Snapshot, storage_key
-from tests.server.conftest import ENGINES, VLLM_TEST_SETTINGS, ProcServer, assert_openai_error, chat, export_state
+from tests.server.conftest import (ENGINES, VLLM_TEST_SETTINGS, ProcServer, ThreadServer, assert_openai_error, chat,
+                                 export_state, make_settings)
 
 TURNS = [[{"role": "user", "content": t}] for t in ("I am Ada.", "I like tea.", "Who am I?")]
 
@@ -149,3 +150,28 @@ def test_a_stream_outlasting_the_grace_period_ends_with_an_error_event(tiny_path
     assert not any('"finish_reason":"length"' in ln for ln in lines)
     stored = FilesystemBackend(tmp_path / "state", clean_on_start=False).get(storage_key("", "long"))
     assert stored is None or (stored.record["version"] == 0 and not stored.state.any())
+
+
+def test_a_storage_quota_is_a_507_that_commits_nothing(tiny_paths, tmp_path):
+    """An owner whose sessions and responses take all the bytes they may: a turn that would grow them
+    is a 507 and the session stays as it was; a Responses call cannot start a chain; lifting the
+    limit lets both through."""
+    srv = ThreadServer(make_settings(tiny_paths, tmp_path / "state")).start()
+    try:
+        http = httpx.Client(base_url=srv.url, timeout=120)
+        user = [{"role": "user", "content": "I am Ada."}]
+        assert chat(http, user, "s")["delta_mem"]["version"] == 1
+        before = http.get("/v1/sessions/s").json()
+        srv.ctx.sessions.max_stored_bytes_per_owner = 1
+        r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hi."}],
+                                                    "session_id": "s", "max_tokens": 2})
+        assert_openai_error(r, 507, "storage_quota_exceeded")
+        assert http.get("/v1/sessions/s").json()["revision"] == before["revision"]
+        r = http.post("/v1/responses", json={"model": "tiny", "input": "Hi.", "max_output_tokens": 2})
+        assert_openai_error(r, 507, "storage_quota_exceeded")
+        srv.ctx.sessions.max_stored_bytes_per_owner = None
+        assert chat(http, [{"role": "user", "content": "Hi."}], "s")["delta_mem"]["version"] == 2
+        assert http.post("/v1/responses", json={"model": "tiny", "input": "Hi.", "max_output_tokens": 2}).status_code == 200
+        http.close()
+    finally:
+        srv.stop()

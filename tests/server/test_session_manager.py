@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -31,10 +32,10 @@ class FakeTokenizer:
 class FlakyBackend(MemoryBackend):
     fail = False
 
-    def put(self, key, snapshot, expect_revision=None):
+    def put(self, key, snapshot, *args, **kwargs):
         if self.fail:
             raise OSError("disk full")
-        super().put(key, snapshot, expect_revision)
+        super().put(key, snapshot, *args, **kwargs)
 
 
 class Clock:
@@ -314,8 +315,6 @@ def test_records_stay_bounded_and_imports_are_checked_off_the_event_loop(monkeyp
     """A system prompt that changes every turn (a timestamp in it) and an imported record with huge logs
     keep the record bounded; the import's record check (a hash chain over every written token) runs in a
     worker thread, never on the event loop that serves every other request."""
-    import threading
-
     import server.sessions as sessions
     from server.session_record import WRITTEN_SYSTEM_MAX
 
@@ -349,4 +348,98 @@ def test_records_stay_bounded_and_imports_are_checked_off_the_event_loop(monkeyp
         rec = (await m.get("", "big"))[0]
         assert rec.message_log == big["message_log"][-8:]
         assert rec.written_system == big["written_system"][-WRITTEN_SYSTEM_MAX:]
+    run(go())
+
+
+class CountingBackend(MemoryBackend):
+    """Counts full scans (`keys`) and can fail reads for a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans = 0
+        self.fail_reads = False
+        self.gate: threading.Event | None = None
+
+    def keys(self):
+        self.scans += 1
+        return super().keys()
+
+    def get(self, key):
+        if self.fail_reads:
+            raise ConnectionError("store unreachable")
+        return super().get(key)
+
+    def group_keys(self, group):
+        if self.fail_reads:
+            raise ConnectionError("store unreachable")
+        return super().group_keys(group)
+
+    def put(self, key, snapshot, *args, **kwargs):
+        if self.gate is not None:
+            self.gate.wait(10)
+        super().put(key, snapshot, *args, **kwargs)
+
+
+def test_listing_and_the_sweep_read_indexes_not_every_tenant():
+    async def go():
+        clock = Clock()
+        backend = CountingBackend()
+        m = make(backend, clock=clock)
+        for owner, n in (("alice", 3), ("bob", 50)):
+            for i in range(n):
+                await m.create(owner, f"s{i}", ttl=10 if i % 2 else None)
+        page, more = await m.list("alice")
+        assert [r.session_id for r in page] == ["s0", "s1", "s2"] and not more
+        clock.t += 11
+        assert await m.sweep_expired() == 1 + 25           # the odd ones, found through the expiry index
+        assert [r.session_id for r in (await m.list("alice"))[0]] == ["s0", "s2"]
+        assert backend.scans == 0
+    run(go())
+
+
+def test_a_store_outage_is_a_503_and_a_reset_writes_nothing_without_its_revision():
+    async def go():
+        backend = CountingBackend()
+        m = make(backend)
+        turn = await m.begin_turn("", "s")
+        await turn.commit(output(torch.ones(SHAPE), [5], [6]))
+        turn.release()
+        m.store._device.clear()
+        m.store._host.clear()                              # not resident: reads go to the backend
+        backend.fail_reads = True
+        for call in (m.list(""), m.reset("", "s"), m.get("", "s")):
+            with pytest.raises(APIError) as e:
+                await call
+            assert e.value.status == 503
+        backend.fail_reads = False
+        rec, state, _ = await m.get("", "s")
+        assert rec.version == 1 and torch.equal(state, torch.ones(SHAPE))   # the reset wrote nothing
+    run(go())
+
+
+def test_a_cancelled_request_keeps_the_session_until_its_commit_lands():
+    """The commit of a turn is shielded: when its request is cancelled the commit goes on, and the
+    next request on the session waits for it (and then starts from it) instead of racing it."""
+    async def go():
+        backend = CountingBackend()
+        m = make(backend, wait_timeout=0)
+        turn = await m.begin_turn("", "s")
+        backend.gate = threading.Event()
+        committing = asyncio.ensure_future(turn.commit(output(torch.ones(SHAPE), [5], [6])))
+        await asyncio.sleep(0.05)
+        committing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await committing
+        turn.release()
+        with pytest.raises(APIError) as e:                 # still busy: the commit is in flight
+            await m.begin_turn("", "s")
+        assert e.value.code == "session_busy"
+        backend.gate.set()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not m._locks.busy(storage_key("", "s")):
+                break
+        nxt = await m.begin_turn("", "s")
+        assert nxt.record.version == 1 and torch.equal(nxt.state, torch.ones(SHAPE))
+        nxt.release()
     run(go())
