@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import uvicorn
 from pydantic import ValidationError
 
+from delta_mem_vllm.state.backends.filesystem import directory_in_use
 from server.settings import Settings
 
 
@@ -147,6 +148,9 @@ def startup_problem(settings: Settings) -> str | None:
         return "--state-backend redis needs --redis-url (or DELTAMEM_REDIS_URL)"
     if settings.state_backend == "filesystem" and settings.state_dir.exists() and not settings.state_dir.is_dir():
         return f"--state-dir {settings.state_dir}: exists and is not a directory"
+    if settings.state_backend == "filesystem" and directory_in_use(settings.state_dir):
+        return (f"--state-dir {settings.state_dir}: in use by another server (one server per directory; "
+                "several replicas share sessions through --state-backend redis)")
     return None
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from delta_mem_vllm.state import FilesystemBackend
 from server.cli import build_parser, main, settings_from_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,10 +70,14 @@ def test_startup_errors_are_one_line_each(tmp_path, capsys, monkeypatch):
         ([*base, "--state-dir", str(tmp_path / "file")], "--state-dir", "not a directory"),
         ([*base, "--chat-template", str(tmp_path / "none.jinja")], "--chat-template", "neither a file nor"),
         ([*base, "--port", "99999"], "--port", "less than or equal to 65535"),
+        ([*base, "--state-dir", str(tmp_path / "held")], "--state-dir", "in use by another server"),
+        ([*base, "--max-sessions-per-owner", "0"], "--max-sessions-per-owner", "greater than or equal to 1"),
     ]
+    held = FilesystemBackend(tmp_path / "held", exclusive=True)   # as a running server holds its directory
     monkeypatch.delenv("DELTAMEM_REDIS_URL", raising=False)
     for argv, flag, words in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("delta-mem-vllm: error: ") and flag in err and words in err, err
         assert len(err.splitlines()) == 1 and "Traceback" not in err
+    held.close()

@@ -57,6 +57,27 @@ def _write_atomic(directory: Path, name: str, payload: bytes, *, fsync: bool = T
         _fsync_dir(directory)
 
 
+def _lock(root: Path) -> Any:
+    """The open, exclusively locked ``root/.lock``, or None when another process holds it."""
+    f = open(root / ".lock", "a+b")   # noqa: SIM115 - held for the backend's life; closing unlocks
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def directory_in_use(root: str | os.PathLike[str]) -> bool:
+    """Whether a server holds ``root`` (checked before a server loads its model)."""
+    if not (Path(root) / ".lock").exists():
+        return False
+    f = _lock(Path(root))
+    if f is not None:
+        f.close()
+    return f is None
+
+
 def _holds(path: Path, payload: bytes) -> bool:
     try:
         return path.read_bytes() == payload
@@ -95,15 +116,10 @@ class FilesystemBackend:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._fsync = fsync
-        self._lock_file: Any = None
-        if exclusive:   # a second server on this root would corrupt what both count and clean
-            self._lock_file = open(self.root / ".lock", "a+b")   # noqa: SIM115 - held for the backend's life
-            try:
-                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._lock_file.close()
-                raise RuntimeError(f"state directory {str(self.root)!r} is in use by another process (one server "
-                                   "per directory; several replicas share sessions through Redis)") from None
+        self._lock_file = _lock(self.root) if exclusive else None   # a second server would corrupt it
+        if exclusive and self._lock_file is None:
+            raise RuntimeError(f"state directory {str(self.root)!r} is in use by another process (one server "
+                               "per directory; several replicas share sessions through Redis)")
         self._locks = _StripedLocks()
         if clean_on_start:
             self.cleanup()
