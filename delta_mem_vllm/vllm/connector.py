@@ -43,9 +43,12 @@ class DeltaMemConnectorMetadata(KVConnectorMetadata):
 
 
 class Outbox:
-    """Finished requests' states, by key, until taken; entries nobody takes expire."""
+    """Finished requests' states (on the host), by key, until taken; entries nobody takes expire.
 
-    def __init__(self, ttl: float = 600.0, capacity: int = 65536) -> None:
+    The engine takes a state within seconds, or gives up on it after STATE_TIMEOUT (60 s); an
+    entry older than twice that has no reader left."""
+
+    def __init__(self, ttl: float = 120.0, capacity: int = 65536) -> None:
         self.ttl, self.capacity = ttl, capacity
         self._items: OrderedDict[str, SavedState] = OrderedDict()
         self.expired = 0
@@ -187,7 +190,8 @@ class DeltaMemConnector(KVConnectorBase_V1, SupportsHMA):
             pools = self._pools()
             device = pools[0][1].device
             slots = torch.tensor([s.slots for s in held], dtype=torch.long, device=device)   # [n, groups]
-            states = torch.stack([pool[slots[:, pos]] for _, pool, pos in pools], dim=1)      # [n, L, h, R, R]
+            # on the host at once: a state waiting for its reader holds no device memory outside vLLM's budget
+            states = torch.stack([pool[slots[:, pos]] for _, pool, pos in pools], dim=1).to("cpu")   # [n, L, h, R, R]
         row = 0
         for save in saves:
             state = None

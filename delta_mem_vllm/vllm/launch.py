@@ -69,7 +69,19 @@ def engine_kwargs(model: str | Path, adapter: str | Path, *, valid_vocab: int | 
                           "was computed from, so it must never be shared between requests with different states")
     return {"model": str(model), "hf_overrides": hf_overrides(model, adapter, valid_vocab=valid_vocab),
             "kv_transfer_config": dict(CONNECTOR), "worker_extension_cls": WORKER_EXTENSION,
-            **engine, "enable_prefix_caching": False}
+            **engine, "enable_prefix_caching": False, **sync_scheduling()}
+
+
+def sync_scheduling() -> dict[str, Any]:
+    """Async scheduling off (vLLM's default on CUDA; CPUs never use it). It counts a request's next
+    token as computed before it is sampled, so a turn that ends on EOS reports a state that has
+    written the EOS: the turn would commit it as written where the embedded engine leaves it pending
+    (the next turn writes it first, under that turn's context), and the memories would differ."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:   # flags for a vLLM installed elsewhere: it defaults to what its platform does
+        return {}
+    return {"async_scheduling": False} if "async_scheduling" in getattr(EngineArgs, "__dataclass_fields__", {}) else {}
 
 
 def serve_flags(model: str | Path, adapter: str | Path, *, valid_vocab: int | None = None) -> list[str]:

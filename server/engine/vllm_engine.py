@@ -32,6 +32,10 @@ STATE_TIMEOUT = 60.0   # seconds to wait for a finished request's state before f
 DISCARD_TIMEOUT = 10.0  # seconds to look for the state of an aborted request (to drop it) before giving up
 
 
+class EngineStopped(EngineError):
+    """The engine is stopped: the request never reached vLLM."""
+
+
 class StateCollector:
     """Fetches finished requests' states from the workers, batching concurrent requests into one RPC.
 
@@ -153,12 +157,13 @@ class VllmEngine:
 
     async def stop(self) -> None:
         """Abort what is still running (those turns commit nothing), then shut vLLM down."""
-        self._stopping = True
-        llm, self.llm = self.llm, None
+        self._stopping = True   # new requests are refused from here on
+        llm = self.llm
         if llm is None:
             return
-        if self._active:
+        if self._active:   # the engine stays reachable until the aborts have landed
             await llm.abort(list(self._active))
+        self.llm = None
         handler = getattr(llm, "output_handler", None)
         if handler is not None:   # stop listening first: a dying engine is not an error here
             handler.cancel()
@@ -217,6 +222,7 @@ class VllmEngine:
         reason = None
         reported: dict[str, Any] | None = None
         fetching = False   # the saved state is being fetched (else it is dropped on the way out)
+        rejected = False   # refused, or the engine stopped: it never existed in vLLM, nothing to drop
         self._active.add(key)
         try:
             async with contextlib.aclosing(self._vllm_generate(prompt, sampling, key)) as stream:
@@ -259,18 +265,25 @@ class VllmEngine:
             else:
                 self._account_stateless(final, prompt, generated, memory.write_start, reported)
             yield final
+        except (RequestRejected, EngineStopped):
+            rejected = True
+            raise
         finally:
             self._active.discard(key)
-            if want_state and not fetching:   # aborted, or closed early (a disconnect): nobody reads it
+            if want_state and not fetching and not rejected:   # aborted, or closed early: nobody reads it
                 self.states.discard(key)
 
     async def _vllm_generate(self, prompt: list[int], sampling: Any, key: str) -> AsyncIterator[Any]:
         """vLLM's stream for one request; a dead or failing engine becomes an EngineError."""
         from delta_mem_vllm.vllm.compat import engine_failure_types, request_error_types
 
-        try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt}, sampling, key):
-                yield out
+        llm = self.llm
+        if llm is None or self._stopping:
+            raise EngineStopped("the vLLM engine is stopped")
+        try:   # closed here, not by the garbage collector: closing vLLM's stream aborts the request now
+            async with contextlib.aclosing(llm.generate({"prompt_token_ids": prompt}, sampling, key)) as outs:
+                async for out in outs:
+                    yield out
         except engine_failure_types() as exc:
             raise EngineError(f"the vLLM engine failed: {exc}") from exc
         except request_error_types() as exc:   # vLLM's request validation (e.g. a schema it cannot compile)
@@ -281,17 +294,23 @@ class VllmEngine:
                       memory: Any, *, stopped_early: bool) -> None:
         """The final state and the written/pending split, from the state the workers saved.
 
-        On a stop string vLLM runs ahead of the detokenizer until the abort lands, so the saved state
-        may cover tokens after the stop. Those were never shown: the state is then recomputed over
-        exactly the shown tokens but the last, as the embedded engine would have it.
+        A turn commits the state over exactly its tokens but the last (the last is written first in
+        the next turn), as the embedded engine does. The saved state covers another count when the
+        turn stopped early: on a stop string vLLM runs ahead of the detokenizer until the abort
+        lands (more tokens), and an abort that finds the request preempted saves nothing (none).
+        The state is then recomputed over exactly those tokens.
         """
         from delta_mem_vllm.vllm.protocol import SavedState, turn_token_split
 
         saved = await self.states.take(key)
         covered, state = saved["num_tokens"], SavedState.state_from_wire(saved)
         exact = len(prompt) + len(generated) - 1
-        if stopped_early and covered > exact:
-            self.stop_replays += 1
+        if covered != exact:
+            if stopped_early:
+                self.stop_replays += 1
+            else:
+                log.warning("request %s: the engine's state covers %d tokens, the turn %d: recomputed", key,
+                            covered, exact)
             state, covered = await self._replay(prompt + generated[:-1], memory.initial_state, memory.write_start)
         if state is None:
             state = memory.initial_state if memory.initial_state is not None else self.zero_state()
@@ -309,13 +328,20 @@ class VllmEngine:
         sampling = self._sampling(SamplingParams(max_tokens=1, temperature=0.0), len(tokens),
                                   params.to_kv_transfer_params())
         self._active.add(key)
+        pending = True   # a state may arrive that nobody will take
         try:
             async with contextlib.aclosing(self._vllm_generate(tokens, sampling, key)) as stream:
                 async for _ in stream:
                     pass
+            saved = await self.states.take(key)
+            pending = False
+        except (RequestRejected, EngineStopped):
+            pending = False
+            raise
         finally:
             self._active.discard(key)
-        saved = await self.states.take(key)
+            if pending:   # cancelled (the client left) or failed after vLLM had it: drop its state
+                self.states.discard(key)
         if saved["num_tokens"] != len(tokens):
             raise EngineError(f"replaying the turn covered {saved['num_tokens']} of {len(tokens)} tokens")
         return SavedState.state_from_wire(saved), len(tokens)

@@ -203,3 +203,106 @@ def test_tensor_parallel_matches_the_reference(tmp_path, monkeypatch):
             check(out, ref, p, s if s is not None else torch.zeros(engine.state_shape), ws, w)
     finally:
         stop_engine(engine)
+
+
+@torch.inference_mode()
+def test_stop_string_turns_under_preemption_commit_exactly_what_was_shown(pressure):
+    """Concurrent stop-string turns on an engine that preempts: whatever vLLM had done when the abort
+    landed (run past the stop, or preempted and saved nothing), each turn's state covers exactly its
+    prompt and shown tokens but the last, and only the last token is pending."""
+    engine, (dm, tok) = pressure
+    a = tok.convert_tokens_to_ids("a")
+    n = 6
+    prompts = [rand_prompt(90 + 7 * i, seed=70 + i) for i in range(n)]
+    states = [rand_state(engine.state_shape, seed=500 + i) for i in range(n)]
+
+    def req(i: int) -> GenerationRequest:
+        sampling = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, stop=("aaa",), min_tokens=20 + 4 * i,
+                                  logit_bias={a: 100.0})
+        return GenerationRequest(f"stop{i}", prompts[i], sampling, MemorySpec(initial_state=states[i]))
+
+    before, replays = stats(engine), engine.stop_replays
+    outs = service_loop().run(run_all(engine, [req(i) for i in range(n)]))
+    assert stats(engine)["slot_inits"] - before["slot_inits"] > n, "expected preemptions"
+    for i, (out, gen) in enumerate(outs):
+        assert out.finish_reason == "stop" and len(gen) < 50
+        assert out.written_token_ids == prompts[i] + gen[:-1] and out.pending_token_ids == gen[-1:]
+        ref = dm(torch.tensor([prompts[i] + gen[:-1]]), state=states[i][None]).state[0]
+        torch.testing.assert_close(out.final_state, ref, **TOL)
+    assert engine.stop_replays > replays
+
+
+@torch.inference_mode()
+def test_a_stop_abort_that_found_the_request_preempted_is_replayed(pressure, monkeypatch):
+    """When the abort of a stop-string turn finds its request preempted, the connector saves nothing
+    (covered 0): the state is recomputed, never committed as the initial state with the whole turn
+    left pending. The timing cannot be forced on a real engine, so the first saved answer is
+    replaced by exactly what the connector saves then."""
+    from delta_mem_vllm.vllm.protocol import SavedState
+
+    engine, (dm, tok) = pressure
+    real_take, calls = engine.states.take, []
+
+    async def take(key: str) -> dict:
+        saved = await real_take(key)
+        calls.append(key)
+        return SavedState(None, 0).to_wire() if len(calls) == 1 else saved
+
+    monkeypatch.setattr(engine.states, "take", take)
+    prompt, state = rand_prompt(30, seed=8), rand_state(engine.state_shape, seed=9)
+    sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=("aaa",),
+                              logit_bias={tok.convert_tokens_to_ids("a"): 100.0})
+    ((out, gen),) = service_loop().run(run_all(engine, [GenerationRequest("pre", prompt, sampling,
+                                                                          MemorySpec(initial_state=state))]))
+    assert len(calls) == 2                                   # the turn's own state, then the replay's
+    assert out.written_token_ids == prompt + gen[:-1] and out.pending_token_ids == gen[-1:]
+    ref = dm(torch.tensor([prompt + gen[:-1]]), state=state[None]).state[0]
+    torch.testing.assert_close(out.final_state, ref, **TOL)
+
+
+def test_a_refused_request_leaves_nothing_waiting(pressure):
+    """A request vLLM refuses never existed there: nothing is kept waiting for its state."""
+    from server.engine.base import RequestRejected
+
+    engine, _ = pressure
+
+    async def refused() -> dict:
+        with pytest.raises(RequestRejected):
+            async for _ in engine.generate(request("too-long", rand_prompt(300, seed=1), 4, None)):
+                pass
+        return dict(engine.states._waiting)
+
+    assert service_loop().run(refused()) == {}
+
+
+def test_a_stop_string_aborts_the_request_before_the_last_output(pressure):
+    """A stop-string turn's request is aborted in vLLM by the time its last output arrives, not
+    whenever the garbage collector gets to the stream."""
+    engine, (_, tok) = pressure
+    sampling = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=("aaa",),
+                              logit_bias={tok.convert_tokens_to_ids("a"): 100.0})
+
+    async def stopped() -> int:
+        # read-only: no state to fetch, so nothing is awaited between the stop and the last output
+        turn = GenerationRequest("stopped", rand_prompt(10, seed=2), sampling, MemorySpec(write=False))
+        async for out in engine.generate(turn):
+            if out.finished:
+                return engine.llm.output_processor.get_num_unfinished_requests()   # before any other await
+        raise AssertionError("no final output")
+
+    assert service_loop().run(stopped()) == 0
+
+
+def test_a_stopped_engine_refuses_work_with_an_engine_error():
+    from server.engine.base import EngineError
+    from server.engine.vllm_engine import VllmEngine
+
+    engine = VllmEngine(None, None, model_name="m", max_model_len=16, layer_names=["l"], state_shape=(1, 1, 2, 2),
+                        adapter_fingerprint="a", model_fingerprint="m", eos_token_ids=(0,))
+
+    async def replay() -> None:
+        await engine._replay([1, 2, 3], None, 0)
+
+    with pytest.raises(EngineError, match="stopped"):
+        asyncio.run(replay())
+    assert engine.states._waiting == {}
