@@ -36,8 +36,9 @@ requires_vllm = pytest.mark.skipif(not HAS_VLLM and os.environ.get("DELTAMEM_REQ
 ENGINES = ["torch", pytest.param("vllm", marks=requires_vllm)]
 # vLLM settings for tests: no compilation (fast start), a small KV cache, and chunked prefill forced
 # by a small token budget per step, so prompts are processed in several chunks
-VLLM_TEST_SETTINGS = dict(enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_num_seqs=16,
-                          max_num_batched_tokens=32)
+# (on a GPU, scripts/gpu_acceptance.py sets DELTAMEM_TEST_CUDAGRAPHS=1 to run them with CUDA graphs)
+VLLM_TEST_SETTINGS = dict(enforce_eager=os.environ.get("DELTAMEM_TEST_CUDAGRAPHS") != "1",
+                          kv_cache_memory_bytes=64 << 20, max_num_seqs=16, max_num_batched_tokens=32)
 
 
 class ServiceLoop:

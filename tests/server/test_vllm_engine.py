@@ -306,3 +306,19 @@ def test_a_stopped_engine_refuses_work_with_an_engine_error():
     with pytest.raises(EngineError, match="stopped"):
         asyncio.run(replay())
     assert engine.states._waiting == {}
+
+
+@torch.inference_mode()
+def test_a_turn_that_ends_on_eos_leaves_it_pending(pressure):
+    """EOS is the turn's last token: written first in the next turn, as the embedded engine does
+    (vLLM's async scheduling, the default on CUDA, would count it as written: it is off for Δ-Mem)."""
+    engine, (dm, tok) = pressure
+    eos = engine.eos_token_ids[0]
+    prompt, state = rand_prompt(20, seed=21), rand_state(engine.state_shape, seed=22)
+    sampling = SamplingParams(max_tokens=30, temperature=0, min_tokens=4, logit_bias={eos: 100.0})
+    ((out, gen),) = service_loop().run(run_all(engine, [GenerationRequest("eos", prompt, sampling,
+                                                                          MemorySpec(initial_state=state))]))
+    assert out.finish_reason == "stop" and gen[-1] == eos and len(gen) == 5
+    assert out.written_token_ids == prompt + gen[:-1] and out.pending_token_ids == [eos]
+    ref = dm(torch.tensor([prompt + gen[:-1]]), state=state[None]).state[0]
+    torch.testing.assert_close(out.final_state, ref, **TOL)
