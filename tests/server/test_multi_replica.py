@@ -37,10 +37,10 @@ def _client(url: str, key: str = "key-1") -> httpx.Client:
 
 
 class Cluster:
-    def __init__(self, tiny_paths, tmp_path) -> None:
+    def __init__(self, tiny_paths, tmp_path, extra: tuple[str, ...] = (), durable: bool = True) -> None:
         self.tmp = tmp_path
-        self.redis = RedisServer(tmp_path / "redis", durable=True).start()
-        self.args = _replica_args(tiny_paths[0], self.redis.url)
+        self.redis = RedisServer(tmp_path / "redis", durable=durable).start()
+        self.args = _replica_args(tiny_paths[0], self.redis.url) + list(extra)
         self.replicas = [self.start(i) for i in range(2)]
         self.http = [_client(r.url) for r in self.replicas]
 
@@ -300,12 +300,7 @@ def test_a_session_deleted_and_created_again_elsewhere_is_never_the_old_one(clus
 @pytest.fixture
 def ttl_cluster(tiny_paths, tmp_path):
     """Two replicas that sweep expired sessions four times a second."""
-    c = Cluster.__new__(Cluster)
-    c.tmp = tmp_path
-    c.redis = RedisServer(tmp_path / "redis").start()
-    c.args = _replica_args(tiny_paths[0], c.redis.url) + ["--ttl-sweep-interval", "0.25"]
-    c.replicas = [c.start(i) for i in range(2)]
-    c.http = [_client(r.url) for r in c.replicas]
+    c = Cluster(tiny_paths, tmp_path, ("--ttl-sweep-interval", "0.25"), durable=False)
     yield c
     c.close()
 
@@ -353,12 +348,7 @@ def test_ttl_expiry_never_races_a_turn_on_another_replica(ttl_cluster):
 @pytest.fixture
 def quota_cluster(tiny_paths, tmp_path):
     """Two replicas on one Redis with a limit of four sessions per API key."""
-    c = Cluster.__new__(Cluster)
-    c.tmp = tmp_path
-    c.redis = RedisServer(tmp_path / "redis").start()
-    c.args = _replica_args(tiny_paths[0], c.redis.url) + ["--max-sessions-per-owner", "4"]
-    c.replicas = [c.start(i) for i in range(2)]
-    c.http = [_client(r.url) for r in c.replicas]
+    c = Cluster(tiny_paths, tmp_path, ("--max-sessions-per-owner", "4"), durable=False)
     yield c
     c.close()
 

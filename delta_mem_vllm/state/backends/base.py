@@ -189,3 +189,18 @@ class UsageLedger:
         with self._lock:
             states, nbytes = self._used.get(group, (0, 0))
         return states, nbytes
+
+
+class LedgerIndexes:
+    """Usage and indexes read from an in-process UsageLedger (``self._usage``)."""
+
+    _usage: UsageLedger
+
+    def usage(self, group: str) -> tuple[int, int]:
+        return self._usage.usage(group)
+
+    def group_keys(self, group: str) -> list[str]:
+        return self._usage.group_keys(group)
+
+    def expiring(self, until: float) -> list[str]:
+        return self._usage.expiring(until)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..format import Snapshot, StateFormatError, decode_snapshot, encode_snapshot, validate_manifest
 from ..keys import is_storage_key, validate_storage_key
-from .base import Quota, UsageLedger, VersionConflict, _check_expected, _StripedLocks, record_revision
+from .base import LedgerIndexes, Quota, UsageLedger, VersionConflict, _check_expected, _StripedLocks, record_revision
 
 _MANIFEST_FILE = "manifest.json"
 _DATA_PREFIX = "state-"
@@ -85,7 +85,7 @@ def _holds(path: Path, payload: bytes) -> bool:
         return False
 
 
-class FilesystemBackend:
+class FilesystemBackend(LedgerIndexes):
     """Snapshots as files under ``root``, crash-safe without a journal.
 
     Layout (derived from the storage key only; session ids never reach a path)::
@@ -341,14 +341,6 @@ class FilesystemBackend:
                 pass
         return removed
 
-    def usage(self, group: str) -> tuple[int, int]:
-        return self._usage.usage(group)
-
-    def group_keys(self, group: str) -> list[str]:
-        return self._usage.group_keys(group)
-
-    def expiring(self, until: float) -> list[str]:
-        return self._usage.expiring(until)
 
     def keys(self) -> list[str]:
         out: list[str] = []

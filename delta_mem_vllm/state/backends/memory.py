@@ -9,7 +9,7 @@ from typing import Any
 
 from ..format import Snapshot, decode_snapshot, encode_snapshot, validate_manifest
 from ..keys import validate_storage_key
-from .base import Quota, UsageLedger, VersionConflict, _check_expected, record_revision
+from .base import LedgerIndexes, Quota, UsageLedger, VersionConflict, _check_expected, record_revision
 
 
 @dataclass
@@ -25,7 +25,7 @@ class _Stored:
         return len(self.data) + len(self.manifest) + sum(len(d) for d in self.documents.values())
 
 
-class MemoryBackend:
+class MemoryBackend(LedgerIndexes):
     """In-process backend holding encoded bytes (so it exercises the real format and never aliases).
 
     For tests and for a "no persistence" server: data dies with the process.
@@ -122,14 +122,6 @@ class MemoryBackend:
             self._usage.charge(item.group, 0, -len(blob), None)
             return True
 
-    def usage(self, group: str) -> tuple[int, int]:
-        return self._usage.usage(group)
-
-    def group_keys(self, group: str) -> list[str]:
-        return self._usage.group_keys(group)
-
-    def expiring(self, until: float) -> list[str]:
-        return self._usage.expiring(until)
 
     def ping(self) -> bool:
         return True

@@ -182,24 +182,6 @@ local function current()
   return '?'
 end
 """
-_CURRENT = """
-local function current()
-  if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-  local f = redis.call('HMGET', KEYS[1], 'version', 'revision')
-  if f[1] then
-    if f[2] and string.sub(f[2], 1, string.len(f[1]) + 1) == f[1] .. '-' then return f[2] end
-    return f[1]
-  end
-  local ok, m = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'manifest') or '')
-  if ok and type(m) == 'table' and type(m['record']) == 'table' then
-    local r = m['record']
-    local v = string.format('%d', tonumber(r['version'] or 0) or 0)
-    if type(r['commit_id']) == 'string' and r['commit_id'] ~= '' then return v .. '-' .. r['commit_id'] end
-    return v
-  end
-  return '?'
-end
-"""
 
 # ARGV[1] the expected revision: '' none, '<absent>' the key must not exist.
 _COMPARE = _CURRENT + """
