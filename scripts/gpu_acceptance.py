@@ -3,22 +3,29 @@
 CPUs run the V1 model runner eagerly, without Triton or async scheduling; this run covers the rest
 on a lent GPU (an H200 with torch 2.11, no network, vLLM 0.26 from ../shared/gpu's bundle):
 
-    # call 1 carries the bundle's first part (each call carries at most 64 MiB):
+    # build here first (git ignores .gpu-bundle): ../shared/gpu/make-vllm-bundle.sh .gpu-bundle
+    #   && scripts/make-gpu-extras.sh .gpu-bundle       (pytest and what the bundle lacks for us)
+    # call 1 carries the first part (carry [".gpu-bundle/part-00"]; a call carries at most 64 MiB):
     mkdir -p /tmp/gpu-bundle && cp .gpu-bundle/part-00 /tmp/gpu-bundle/
-    # call 2 carries the rest, installs, runs this (a budget that leaves the call time to finish):
-    cp .gpu-bundle/part-01 .gpu-bundle/SHA256SUMS /tmp/gpu-bundle/ && bash ../shared/gpu/install-bundle.sh \\
-      && PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 python3 scripts/gpu_acceptance.py --budget 540
+    # call 2, at once (carry the other files of .gpu-bundle): install, then run this with a budget
+    # that leaves the call time to write its report
+    cp .gpu-bundle/part-01 .gpu-bundle/SHA256SUMS /tmp/gpu-bundle/ && bash .gpu-bundle/install-bundle.sh \\
+      && mkdir -p /tmp/extras && tar -C /tmp/extras -xf .gpu-bundle/extras.tar \\
+      && python3 -m pip install -q --no-deps --no-index --target /tmp/site /tmp/extras/*.whl \\
+      && export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 \\
+      && python3 scripts/gpu_acceptance.py --budget 480
 
 Phases, most valuable first; each gets at most what is left of the budget (one that cannot start
 in time is recorded as not run, one cut short as timed out):
-1. the device and the versions;
+1. the device, the versions, and every module the run imports (a missing one is named at once);
 2. the Triton scan kernel against the naive reference (tests/test_varlen_scan.py on CUDA);
 3. the vLLM engine against the reference model, per model runner (V1, V2) and CUDA graphs (off, on):
    batched requests with chunked prefill, preemption, stop strings (also when the abort finds the
    request preempted), a turn ending on EOS (async scheduling must not count it as written), then
    the HTTP engine-agreement script on qwen3;
-4. bench/bench_vllm.py on a Qwen3-4B-shaped random model in bf16: plain vs Δ-Mem, decode at batch
-   1/16/64, time to first token, a memory-mode turn after 8k and 32k tokens of history.
+4. bench/bench_vllm.py on a random 1B-class Qwen3 (hidden 2048, 16 layers) in bf16: plain vs
+   Δ-Mem, decode at batch 1/16/64, time to first token, a memory-mode turn after 8k and 32k tokens
+   of history.
 The report goes to bench/RESULTS-gpu-acceptance.md (device named) and, with the logs, to $OUT.
 `--dry-run` checks all of it that a CPU can: the plan, the test selections (collected), and that
 every part of the bundle fits a call beside the working tree.
@@ -43,7 +50,9 @@ ENGINE_TESTS = ("tests/server/test_vllm_engine.py::test_batched_requests_match_t
                 "tests/server/test_vllm_engine.py::test_a_turn_that_ends_on_eos_leaves_it_pending "
                 "tests/server/test_engines_agree.py::test_engines_agree_over_http[qwen3]").split()
 KERNEL_TESTS = ["tests/test_varlen_scan.py"]
-BENCH = ["bench/bench_vllm.py", "--hidden", "2560", "--layers", "36", "--dtype", "bfloat16", "--histories",
+NEEDED = ("torch", "triton", "vllm", "transformers", "safetensors", "pydantic_settings", "fastapi", "uvicorn",
+          "xgrammar", "openai", "httpx", "pytest", "jsonschema", "delta_mem_vllm", "server")
+BENCH = ["bench/bench_vllm.py", "--hidden", "2048", "--layers", "16", "--dtype", "bfloat16", "--histories",
          "8192,32768", "--rounds", "1", "--no-embedded"]
 
 
@@ -68,7 +77,7 @@ def plan(bench_results: Path) -> list[Phase]:
             phases.append(Phase(name, [py, "-m", "pytest", "-q", "-x", *ENGINE_TESTS],
                                 {"VLLM_USE_V2_MODEL_RUNNER": runner, "DELTAMEM_TEST_CUDAGRAPHS": graphs,
                                  "DELTAMEM_REQUIRE_VLLM": "1"}, estimate=90))
-    phases.append(Phase("bench_vllm: plain vs Δ-Mem (Qwen3-4B shape, bf16)",
+    phases.append(Phase("bench_vllm: plain vs Δ-Mem (random 1B-class Qwen3, bf16)",
                         [py, *BENCH, "--write", "--results", str(bench_results)], estimate=150))
     return phases
 
@@ -92,6 +101,12 @@ def versions() -> str:
         except md.PackageNotFoundError:
             found.append(f"{name} absent")
     return ", ".join(found)
+
+
+def missing_modules() -> list[str]:
+    import importlib.util
+
+    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
 
 
 def run(phases: list[Phase], budget: float, logs: Path | None) -> None:
@@ -142,13 +157,16 @@ def dry_run(phases: list[Phase], bundle: Path) -> int:
     parts = sorted(bundle.glob("part-*"))
     if not parts:
         problems.append(f"no bundle parts in {bundle} (build them: ../shared/gpu/make-vllm-bundle.sh {bundle})")
-    for part in parts:
-        size = part.stat().st_size
+    if not (bundle / "extras.tar").is_file():
+        problems.append(f"no {bundle / 'extras.tar'} (build it: scripts/make-gpu-extras.sh {bundle})")
+    calls = [[p] for p in parts[:-1]] + [parts[-1:] + [f for f in bundle.iterdir() if not f.name.startswith("part-")]]
+    for i, files in enumerate(calls if parts else [], 1):   # the last call carries the rest of the bundle
+        size = sum(f.stat().st_size for f in files)
         fits = tree + size <= CARRY_LIMIT
-        print(f"  {part.name}: {size / 2**20:.1f} MiB + working tree {tree / 2**20:.1f} MiB "
-              f"{'fits' if fits else 'DOES NOT FIT'} the {CARRY_LIMIT >> 20} MiB a call carries")
+        print(f"  call {i}: {', '.join(f.name for f in files)}: {size / 2**20:.1f} MiB + working tree "
+              f"{tree / 2**20:.1f} MiB {'fits' if fits else 'DOES NOT FIT'} the {CARRY_LIMIT >> 20} MiB a call carries")
         if not fits:
-            problems.append(f"{part} does not fit one call")
+            problems.append(f"call {i} does not fit")
     for p in problems:
         print(f"problem: {p}")
     return 1 if problems else 0
@@ -166,9 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(phases, args.bundle)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     started = time.strftime("%Y-%m-%d %H:%M")
+    missing = missing_modules()
     header = ["# GPU acceptance (scripts/gpu_acceptance.py)", "",
               f"Run {started} on {device()}; {versions()}; budget {args.budget:.0f} s.",
+              f"Modules missing: {', '.join(missing) if missing else 'none'}.",
               "Benchmark figures: bench/RESULTS-gpu-bench.md (when its phase ran)."]
+    print("\n".join(header), flush=True)
     run(phases, args.budget, out)
     text = report(phases, header)
     args.report.write_text(text)
