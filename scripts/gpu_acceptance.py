@@ -1,10 +1,11 @@
 """GPU acceptance: what a CPU cannot check, in one device call of at most 10 minutes.
 
 CPUs run the V1 model runner eagerly, without Triton or async scheduling; this run covers the rest
-on a lent GPU (an H200 with torch 2.11, no network, vLLM 0.26 from ../shared/gpu's bundle):
+on a lent GPU (an H200 with torch 2.11 and no network, so vLLM 0.26 arrives as an offline bundle in
+.gpu-bundle/: part-NN files, SHA256SUMS and install-bundle.sh, built on a machine with PyPI access):
 
-    # build here first (git ignores .gpu-bundle): ../shared/gpu/make-vllm-bundle.sh .gpu-bundle
-    #   && scripts/make-gpu-extras.sh .gpu-bundle       (pytest and what the bundle lacks for us)
+    # first, beside the bundle (git ignores .gpu-bundle):
+    scripts/make-gpu-extras.sh .gpu-bundle       # pytest and what the bundle lacks for us
     # call 1 carries the first part (carry [".gpu-bundle/part-00"]; a call carries at most 64 MiB):
     mkdir -p /tmp/gpu-bundle && cp .gpu-bundle/part-00 /tmp/gpu-bundle/
     # call 2, at once (carry the other files of .gpu-bundle): install, then run this with a budget
@@ -156,7 +157,7 @@ def dry_run(phases: list[Phase], bundle: Path) -> int:
     tree = sum((REPO / f.decode()).stat().st_size for f in tracked if f and (REPO / f.decode()).is_file())
     parts = sorted(bundle.glob("part-*"))
     if not parts:
-        problems.append(f"no bundle parts in {bundle} (build them: ../shared/gpu/make-vllm-bundle.sh {bundle})")
+        problems.append(f"no bundle parts in {bundle}: put the offline vLLM bundle's part-NN files there")
     if not (bundle / "extras.tar").is_file():
         problems.append(f"no {bundle / 'extras.tar'} (build it: scripts/make-gpu-extras.sh {bundle})")
     calls = [[p] for p in parts[:-1]] + [parts[-1:] + [f for f in bundle.iterdir() if not f.name.startswith("part-")]]

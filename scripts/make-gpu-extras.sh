@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The packages the GPU acceptance run needs beside vLLM's offline bundle (../shared/gpu): the test
+# The packages the GPU acceptance run needs beside vLLM's offline bundle (.gpu-bundle/): the test
 # runner and this project's own dependencies that neither the GPU image nor the bundle carries.
 # Run here (PyPI access), from the project root:  scripts/make-gpu-extras.sh [OUT_DIR]  (default .gpu-bundle)
 # It writes OUT_DIR/extras.tar (wheels for Python 3.12, x86-64); on the GPU machine:

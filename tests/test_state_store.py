@@ -577,49 +577,53 @@ def test_a_version_that_repeats_is_another_commit(any_backend):
     assert same(be.get(key(0)), snap(4.0, version=1, commit="new1"))
 
 
-def test_a_shared_backend_never_serves_a_stale_resident_state(tmp_path):
-    """Replica A holds a revision resident; B commits through the same Redis: A's next read is B's
-    commit, and A's commit from its old copy is refused, even when B's commit has the same version
-    (B deleted the session and created it again)."""
+@pytest.fixture
+def redis_url(tmp_path):
+    """A throw-away redis-server for tests that share it between two stores (two replicas)."""
     if redis_server_binary() is None:
         pytest.skip("redis-server binary not found (apt-get install redis-server)")
     srv = RedisServer(tmp_path / "r").start()
-    try:
-        a, b = (TieredStateStore(RedisBackend(srv.url)) for _ in range(2))
-        a.put(key(0), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
-        assert same(a.get(key(0)), snap(1.0, version=1, commit="a1"))
-        assert same(b.get(key(0)), snap(1.0, version=1, commit="a1"))
-        b.put(key(0), snap(2.0, version=2, commit="b2"), expect_revision="1-a1")
-        with pytest.raises(VersionConflict):
-            a.put(key(0), snap(9.0, version=2, commit="a2"), expect_revision="1-a1")
-        assert same(a.get(key(0)), snap(2.0, version=2, commit="b2")) and a.stats()["restores"] == 1
-        b.put(key(0), snap(3.0, version=3, commit="b3"), expect_revision="2-b2")
-        assert same(a.get(key(0)), snap(3.0, version=3, commit="b3")) and a.stats()["stale_drops"] == 1
-        assert b.delete(key(0)) and a.get(key(0)) is None               # deleted elsewhere: gone here too
-        # recreated elsewhere up to the version A holds: A neither serves nor overwrites its copy
-        a.put(key(1), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
-        assert same(a.get(key(1)), snap(1.0, version=1, commit="a1"))
-        assert b.delete(key(1))
-        b.put(key(1), snap(5.0, version=0, commit="b0"), expect_revision=ABSENT)
-        b.put(key(1), snap(6.0, version=1, commit="b1"), expect_revision="0-b0")
-        assert same(a.get(key(1)), snap(6.0, version=1, commit="b1"))
-        with pytest.raises(VersionConflict):
-            a.put(key(1), snap(9.0, version=2, commit="a2"), expect_revision="1-a1")
-        # states written before the revision (or any version) field compare by their manifest's record
-        rb = b.backend
-        rb.put(key(5), snap(1.0, version=4))
-        rb._client.hdel(rb._rkey(key(5)), "version", "revision")
-        assert rb.revision(key(5)) == "4"
-        rb.put(key(5), snap(2.0, version=5, commit="c5"), expect_revision="4")
-        rb._client.hdel(rb._rkey(key(5)), "version", "revision")
-        assert rb.revision(key(5)) == "5-c5"
-        # a replica of an older release writes `version` alone: the stale `revision` beside it is ignored
-        rb._client.hset(rb._rkey(key(5)), mapping={"version": 6, "revision": "5-c5"})
-        assert rb.revision(key(5)) == "6"
-        with pytest.raises(VersionConflict):
-            rb.put(key(5), snap(2.0, version=6, commit="c6"), expect_revision="5-c5")
-    finally:
-        srv.stop()
+    yield srv.url
+    srv.stop()
+
+
+def test_a_shared_backend_never_serves_a_stale_resident_state(redis_url):
+    """Replica A holds a revision resident; B commits through the same Redis: A's next read is B's
+    commit, and A's commit from its old copy is refused, even when B's commit has the same version
+    (B deleted the session and created it again)."""
+    a, b = (TieredStateStore(RedisBackend(redis_url)) for _ in range(2))
+    a.put(key(0), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
+    assert same(a.get(key(0)), snap(1.0, version=1, commit="a1"))
+    assert same(b.get(key(0)), snap(1.0, version=1, commit="a1"))
+    b.put(key(0), snap(2.0, version=2, commit="b2"), expect_revision="1-a1")
+    with pytest.raises(VersionConflict):
+        a.put(key(0), snap(9.0, version=2, commit="a2"), expect_revision="1-a1")
+    assert same(a.get(key(0)), snap(2.0, version=2, commit="b2")) and a.stats()["restores"] == 1
+    b.put(key(0), snap(3.0, version=3, commit="b3"), expect_revision="2-b2")
+    assert same(a.get(key(0)), snap(3.0, version=3, commit="b3")) and a.stats()["stale_drops"] == 1
+    assert b.delete(key(0)) and a.get(key(0)) is None               # deleted elsewhere: gone here too
+    # recreated elsewhere up to the version A holds: A neither serves nor overwrites its copy
+    a.put(key(1), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
+    assert same(a.get(key(1)), snap(1.0, version=1, commit="a1"))
+    assert b.delete(key(1))
+    b.put(key(1), snap(5.0, version=0, commit="b0"), expect_revision=ABSENT)
+    b.put(key(1), snap(6.0, version=1, commit="b1"), expect_revision="0-b0")
+    assert same(a.get(key(1)), snap(6.0, version=1, commit="b1"))
+    with pytest.raises(VersionConflict):
+        a.put(key(1), snap(9.0, version=2, commit="a2"), expect_revision="1-a1")
+    # states written before the revision (or any version) field compare by their manifest's record
+    rb = b.backend
+    rb.put(key(5), snap(1.0, version=4))
+    rb._client.hdel(rb._rkey(key(5)), "version", "revision")
+    assert rb.revision(key(5)) == "4"
+    rb.put(key(5), snap(2.0, version=5, commit="c5"), expect_revision="4")
+    rb._client.hdel(rb._rkey(key(5)), "version", "revision")
+    assert rb.revision(key(5)) == "5-c5"
+    # a replica of an older release writes `version` alone: the stale `revision` beside it is ignored
+    rb._client.hset(rb._rkey(key(5)), mapping={"version": 6, "revision": "5-c5"})
+    assert rb.revision(key(5)) == "6"
+    with pytest.raises(VersionConflict):
+        rb.put(key(5), snap(2.0, version=6, commit="c6"), expect_revision="5-c5")
 
 
 def _lands_then_fails(backend, *, unreadable: bool = False):
@@ -783,18 +787,12 @@ def test_group_and_expiry_indexes(any_backend):
     assert be.group_keys("alice") == [key(1)] and be.expiring(1e9) == []
 
 
-def test_a_resident_copy_deleted_elsewhere_is_not_reported_stored(tmp_path):
-    if redis_server_binary() is None:
-        pytest.skip("redis-server binary not found (apt-get install redis-server)")
-    srv = RedisServer(tmp_path / "r").start()
-    try:
-        a, b = (TieredStateStore(RedisBackend(srv.url)) for _ in range(2))
-        a.put(key(0), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
-        assert a.tier_of(key(0)) == "device"
-        assert b.delete(key(0))
-        assert a.tier_of(key(0)) is None and not a.contains(key(0))
-    finally:
-        srv.stop()
+def test_a_resident_copy_deleted_elsewhere_is_not_reported_stored(redis_url):
+    a, b = (TieredStateStore(RedisBackend(redis_url)) for _ in range(2))
+    a.put(key(0), snap(1.0, version=1, commit="a1"), expect_revision=ABSENT)
+    assert a.tier_of(key(0)) == "device"
+    assert b.delete(key(0))
+    assert a.tier_of(key(0)) is None and not a.contains(key(0))
 
 
 def test_filesystem_leftovers_of_documents_go_on_start_and_a_root_has_one_server(tmp_path):

@@ -78,6 +78,10 @@ def directory_in_use(root: str | os.PathLike[str]) -> bool:
     return f is None
 
 
+def _pointer_revision(pointer: dict[str, Any] | None) -> str | None:
+    return None if pointer is None else record_revision(pointer["manifest"].get("record") or {})
+
+
 def _holds(path: Path, payload: bytes) -> bool:
     try:
         return path.read_bytes() == payload
@@ -125,9 +129,14 @@ class FilesystemBackend(LedgerIndexes):
             self.cleanup()
         self._usage = UsageLedger()
         for key in self.keys():
-            stored, group, nbytes = self._footprint(self._dir(key))
+            d = self._dir(key)
+            try:
+                pointer = self._read_pointer(d)
+            except StateFormatError:
+                pointer = None   # corrupted: counted by its manifest, never expires
+            stored, group, nbytes = self._footprint(d, pointer)
             self._usage.charge(group, int(stored), nbytes, None)
-            self._usage.file(key, group, self._expires_at(self._dir(key)))
+            self._usage.file(key, group, None if pointer is None else pointer.get("expires_at"))
 
     def __repr__(self) -> str:
         return f"FilesystemBackend({str(self.root)!r})"
@@ -146,31 +155,26 @@ class FilesystemBackend(LedgerIndexes):
             if created_parent:
                 _fsync_dir(self.root)
 
-    def _counted(self, d: Path) -> tuple[bool, str, int]:
+    def _counted(self, d: Path, pointer: dict[str, Any] | None = None) -> tuple[bool, str, int]:
         """(stored, group, bytes of manifest and tensors) of the state in ``d``, as counted; a
-        corrupted state counts its manifest, in no group."""
+        corrupted state counts its manifest, in no group. ``pointer``: the manifest, when the caller
+        has read it already."""
         manifest = d / _MANIFEST_FILE
         try:
             size = manifest.stat().st_size
         except FileNotFoundError:
             return False, "", 0
         try:
-            pointer = self._read_pointer(d)
-            assert pointer is not None
+            pointer = pointer or self._read_pointer(d)
+            if pointer is None:
+                return True, "", size
             return True, str(pointer.get("group") or ""), size + (d / pointer["data_file"]).stat().st_size
-        except (StateFormatError, AssertionError, OSError):
+        except (StateFormatError, OSError):
             return True, "", size
 
-    def _expires_at(self, d: Path) -> float | None:
-        try:
-            pointer = self._read_pointer(d)
-        except StateFormatError:
-            return None
-        return None if pointer is None else pointer.get("expires_at")
-
-    def _footprint(self, d: Path) -> tuple[bool, str, int]:
+    def _footprint(self, d: Path, pointer: dict[str, Any] | None = None) -> tuple[bool, str, int]:
         """As :meth:`_counted`, documents included."""
-        stored, group, nbytes = self._counted(d)
+        stored, group, nbytes = self._counted(d, pointer)
         docs = sum(e.stat().st_size for e in os.scandir(d) if e.name.startswith(_DOC_PREFIX)) if stored else 0
         return stored, group, nbytes + docs
 
@@ -180,9 +184,11 @@ class FilesystemBackend(LedgerIndexes):
         d = self._dir(key)
         data_name = f"{_DATA_PREFIX}{uuid.uuid4().hex}{_DATA_SUFFIX}"
         with self._locks(key):
-            if expect_revision is not None:
-                _check_expected(key, self._revision_locked(d), expect_revision)
-            stored, group, old_bytes = self._counted(d)
+            old = None
+            if expect_revision is not None:   # read once: checked, then counted
+                old = self._read_pointer(d)
+                _check_expected(key, _pointer_revision(old), expect_revision)
+            stored, group, old_bytes = self._counted(d, old)
             if not group and quota is not None and quota.group:
                 if stored:   # stored before quotas, or corrupted: it joins the writer's group
                     self._usage.charge("", -1, -old_bytes, None)
@@ -254,14 +260,10 @@ class FilesystemBackend(LedgerIndexes):
             pointer = self._read_pointer(d)
         return None if pointer is None else validate_manifest(pointer["manifest"])
 
-    def _revision_locked(self, d: Path) -> str | None:
-        pointer = self._read_pointer(d)
-        return None if pointer is None else record_revision(pointer["manifest"].get("record") or {})
-
     def revision(self, key: str) -> str | None:
         d = self._dir(key)
         with self._locks(key):
-            return self._revision_locked(d)
+            return _pointer_revision(self._read_pointer(d))
 
     def contains(self, key: str) -> bool:
         return (self._dir(key) / _MANIFEST_FILE).is_file()
@@ -269,11 +271,13 @@ class FilesystemBackend(LedgerIndexes):
     def delete(self, key: str, expect_revision: str | None = None) -> bool:
         d = self._dir(key)
         with self._locks(key):
+            old = None
             if expect_revision is not None:
-                _check_expected(key, self._revision_locked(d), expect_revision)
+                old = self._read_pointer(d)
+                _check_expected(key, _pointer_revision(old), expect_revision)
             if not d.is_dir():
                 return False
-            existed, group, nbytes = self._footprint(d)
+            existed, group, nbytes = self._footprint(d, old)
             # Rename first (atomic): an interrupted delete leaves a ".del-*" dir that reads ignore.
             grave = d.parent / f"{_DEL_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
             os.replace(d, grave)
